@@ -72,7 +72,8 @@ def pick_iteration(run: Run, iteration: int | None = None, tag: str | None = Non
         for it in run.iterations:
             if it.tag == tag:
                 return it
-        raise CheckpointError(run.root, f"no iteration tagged {tag!r} (have: {', '.join(i.tag for i in run.iterations)})")
+        have = ", ".join(i.tag for i in run.iterations)
+        raise CheckpointError(run.root, f"no iteration tagged {tag!r} (have: {have})")
     if iteration is not None:
         for it in run.iterations:
             if it.iteration == iteration:

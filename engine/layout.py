@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from math import prod
-from typing import Any, Mapping
+from typing import Any
 
 from .tensorref import ITEMSIZE, TensorRef
 

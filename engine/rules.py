@@ -9,9 +9,10 @@ export and the Megatron reshard all call them.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -58,6 +59,9 @@ class TpSpec:
             text += f" (dim {self.dim})"
         if self.rule == TpRule.QKV and self.qkv_version is not None:
             text += f" v{self.qkv_version:g}"
+        elif self.rule == TpRule.QKV:
+            grouped = self.num_groups and self.num_heads and self.num_groups < self.num_heads
+            text += f" gqa {self.num_groups}/{self.num_heads}" if grouped else " mcore"
         if self.vocab:
             text += " +vocab"
         return text
@@ -73,8 +77,15 @@ def _matches(patterns: Sequence[str] | None, name: str) -> str | None:
     return None
 
 
-def classify_deepspeed(name: str, uc_info: Mapping[str, Any] | None, tp: int) -> TpSpec:
-    """The rule DeepSpeed's `ds_to_universal` applies to `name`, in its order of precedence."""
+def classify_deepspeed(name: str, uc_info: Mapping[str, Any] | None, tp: int, *,
+                       megatron: Mapping[str, Any] | None = None) -> TpSpec:
+    """The rule DeepSpeed's `ds_to_universal` applies to `name`, in its order of precedence.
+
+    With `megatron` (keyword arguments of `classify_megatron` except `tp`: the model's `checkpoint_version`,
+    `swiglu`, `num_heads`, `num_groups`), a name that no `universal_checkpoint_info` pattern names is
+    classified by the Megatron name rules before DeepSpeed's dim-0 default, so a Megatron-DeepSpeed
+    `query_key_value` gets its version's QKV rule instead of UNKNOWN. Without it, DeepSpeed's behaviour.
+    """
     uc = uc_info or {}
     vocab = _matches(uc.get("vocabulary_parameter_patterns"), name) is not None
     pipe_rep = _matches(uc.get("pipeline_replicated_parameter_patterns"), name) is not None
@@ -99,9 +110,98 @@ def classify_deepspeed(name: str, uc_info: Mapping[str, Any] | None, tp: int) ->
         return TpSpec(TpRule.ROW, 1, pattern=pat, **extra)
     if vocab:
         return TpSpec(TpRule.COLUMN, 0, pattern="vocabulary", **extra)
+    if megatron is not None:
+        spec = classify_megatron(name, tp=tp, **{"checkpoint_version": None, **megatron})
+        if spec.rule != TpRule.UNKNOWN:
+            return replace(spec, pipeline_replicated=spec.pipeline_replicated or pipe_rep)
     if tp == 1:
         return TpSpec(TpRule.COLUMN, 0, pattern=None, **extra)
     return TpSpec(TpRule.UNKNOWN, 0, pattern=None, **extra)
+
+
+@dataclass(frozen=True)
+class NameRule:
+    """One Megatron name rule: parameters whose name matches `pattern` (re.search) follow `rule`."""
+
+    pattern: str
+    rule: TpRule
+    dim: int | None = None
+    vocab: bool = False
+    swiglu_aware: bool = False  # fused [gate; up] MLP input: SWIGLU when the model uses SwiGLU, else COLUMN
+    pipeline_replicated: bool = False
+    family: str = "megatron"  # which naming the rule is written for: legacy (Megatron-LM/-DeepSpeed) | core | both
+    note: str = ""
+
+
+# The single table of Megatron name rules, in precedence order (the first match wins). Legacy = Megatron-LM
+# pre-mcore and Megatron-DeepSpeed (`language_model.encoder.layers.N.*`, DeepSpeed pipe layer names `N.*`);
+# core = Megatron-Core (`decoder.layers.N.*`). Sources: formats/megatron-dcp-safety.md §1.3-1.6, deepspeed.md §5.2.
+_NORM = r"(layernorm|layer_norm|(^|\.)[a-z_]*norm\.(weight|bias)$)"
+MEGATRON_RULES: tuple[NameRule, ...] = (
+    NameRule(_NORM, TpRule.REPLICATED, family="both", note="every norm (incl. TE fused linear_*.layer_norm_*, q/k_layernorm)"),
+    NameRule(r"(^|\.)(self_)?attention\.query_key_value\.(weight|bias)$", TpRule.QKV, 0, family="legacy",
+             note="fused QKV; row order by checkpoint_version (0: [3,np,hn], 1.0: [np,hn,3], 2.0/3.0: [np,3,hn])"),
+    NameRule(r"(^|\.)linear_qkv\.(weight|bias)$", TpRule.QKV, 0, family="core",
+             note="fused QKV, per query group [q x np/ng, k, v]"),
+    NameRule(r"(^|\.)(self_)?attention\.dense\.weight$", TpRule.ROW, 1, family="legacy"),
+    NameRule(r"(^|\.)mlp\.dense_4h_to_h\.weight$", TpRule.ROW, 1, family="legacy"),
+    NameRule(r"(^|\.)linear_proj\.weight$", TpRule.ROW, 1, family="core"),
+    NameRule(r"(^|\.)linear_fc2\.weight\d*$", TpRule.ROW, 1, family="core", note="also TEGroupedMLP weight<j>"),
+    NameRule(r"(^|\.)mlp\.dense_h_to_4h\.(weight|bias)$", TpRule.COLUMN, 0, swiglu_aware=True, family="legacy"),
+    NameRule(r"(^|\.)linear_fc1\.(weight|bias)\d*$", TpRule.COLUMN, 0, swiglu_aware=True, family="core"),
+    NameRule(r"(^|\.)word_embeddings\.weight$", TpRule.COLUMN, 0, vocab=True, family="both"),
+    NameRule(r"(^|\.)word_embeddings_for_head\.weight$", TpRule.COLUMN, 0, vocab=True, pipeline_replicated=True,
+             family="legacy", note="last stage's copy of the tied word embeddings"),
+    NameRule(r"(^|\.)(final_linear|lm_head|output_layer)\.weight$", TpRule.COLUMN, 0, vocab=True, family="both"),
+    NameRule(r"(^|\.)(self_)?attention\.dense\.bias$", TpRule.REPLICATED, family="legacy"),
+    NameRule(r"(^|\.)mlp\.dense_4h_to_h\.bias$", TpRule.REPLICATED, family="legacy"),
+    NameRule(r"(^|\.)(linear_proj|linear_fc2)\.bias\d*$", TpRule.REPLICATED, family="core",
+             note="row-parallel bias: added after the all-reduce"),
+    NameRule(r"(^|\.)(position_embeddings|tokentype_embeddings)\.weight$", TpRule.REPLICATED, family="both"),
+    NameRule(r"(^|\.)router\.(weight|bias|expert_bias)$", TpRule.REPLICATED, family="core", note="MoE router"),
+    NameRule(r"(^|\.)(linear_q_down_proj|linear_kv_down_proj)\.weight$", TpRule.REPLICATED, family="core",
+             note="MLA down projections are duplicated on every TP rank"),
+    NameRule(r"(^|\.)(linear_q_up_proj|linear_kv_up_proj|linear_q_proj)\.weight$", TpRule.COLUMN, 0, family="core",
+             note="MLA up projections"),
+)
+
+
+def classify_megatron(name: str, *, checkpoint_version: float | None, swiglu: bool = False, tp: int = 1,
+                      num_heads: int | None = None, num_groups: int | None = None) -> TpSpec:
+    """The TP rule of a Megatron parameter, by name (`MEGATRON_RULES`, first match wins).
+
+    `checkpoint_version` picks the legacy `query_key_value` row order (None = 0, as Megatron and DeepSpeed
+    assume when the key is missing); Megatron-Core `linear_qkv` is always grouped per query group
+    (`num_groups` < `num_heads`: grouped-query attention; otherwise plain multi-head, the v2.0 order).
+    `tp` is the checkpoint's TP degree: it does not change the rule (names decide; an unknown name is
+    UNKNOWN dim 0 even at tp=1, never silently known), it is recorded in the pattern text for the preview.
+    """
+    for rule in MEGATRON_RULES:
+        if re.search(rule.pattern, name) is None:
+            continue
+        extra = {"vocab": rule.vocab, "pipeline_replicated": rule.pipeline_replicated, "pattern": rule.pattern}
+        if rule.rule == TpRule.QKV:
+            legacy = rule.family == "legacy"
+            version = (0.0 if checkpoint_version is None else float(checkpoint_version)) if legacy else None
+            groups = num_groups if num_groups else num_heads
+            return TpSpec(TpRule.QKV, 0, qkv_version=version, num_heads=num_heads, num_groups=groups, **extra)
+        if rule.swiglu_aware and swiglu:
+            return TpSpec(TpRule.SWIGLU, 0, **extra)
+        return TpSpec(rule.rule, rule.dim, **extra)
+    return TpSpec(TpRule.UNKNOWN, 0, pattern=f"no Megatron name rule (tp={tp})")
+
+
+def rule_table() -> list[dict[str, Any]]:
+    """Every Megatron name rule, in precedence order, as plain rows (for docs and the preview)."""
+    rows = []
+    for r in MEGATRON_RULES:
+        label = TpSpec(r.rule, r.dim, vocab=r.vocab).label
+        if r.swiglu_aware:
+            label += " | swiglu (with --swiglu)"
+        rows.append({"pattern": r.pattern, "rule": label, "family": r.family, "note": r.note})
+    rows.append({"pattern": "(anything else)", "rule": TpSpec(TpRule.UNKNOWN, 0).label, "family": "both",
+                 "note": "flagged in the preview; refused under --strict"})
+    return rows
 
 
 def global_shape(spec: TpSpec, local_shapes: Sequence[Sequence[int]]) -> tuple[int, ...]:
@@ -123,6 +223,10 @@ def local_shape(spec: TpSpec, full_shape: Sequence[int], tp: int) -> tuple[int, 
         raise ValueError(f"dim {spec.dim} of size {shape[spec.dim]} does not divide by tp={tp}")
     if spec.rule == TpRule.SWIGLU and (shape[spec.dim] // 2) % tp:
         raise ValueError(f"SwiGLU halves of size {shape[spec.dim] // 2} do not divide by tp={tp}")
+    if spec.rule == TpRule.QKV:
+        from .qkv import check_qkv_split
+
+        check_qkv_split(spec, shape[spec.dim], tp)
     shape[spec.dim] //= tp
     return tuple(shape)
 
@@ -138,7 +242,7 @@ def _halves(spec: TpSpec, total: int) -> tuple[int, ...]:
     return (total,)
 
 
-def merge(spec: TpSpec, slices: Sequence["torch.Tensor"], *, check_replicated: bool = True) -> "torch.Tensor":
+def merge(spec: TpSpec, slices: Sequence[torch.Tensor], *, check_replicated: bool = True) -> torch.Tensor:
     """Merge per-rank slices (in TP rank order) into the global tensor; vocabulary padding is kept."""
     import torch
 
@@ -174,7 +278,7 @@ def _halves_local(spec: TpSpec, local_total: int, tp: int) -> tuple[int, ...]:
     return tuple([local_total // n] * n)
 
 
-def split(spec: TpSpec, full: "torch.Tensor", tp: int) -> list["torch.Tensor"]:
+def split(spec: TpSpec, full: torch.Tensor, tp: int) -> list[torch.Tensor]:
     """Split a global tensor into `tp` rank slices (the inverse of `merge`)."""
     import torch
 
@@ -195,7 +299,7 @@ def split(spec: TpSpec, full: "torch.Tensor", tp: int) -> list["torch.Tensor"]:
     return [c.contiguous() for c in torch.chunk(full, tp, dim=dim)]
 
 
-def strip_vocab(tensor: "torch.Tensor", true_vocab: int | None) -> "torch.Tensor":
+def strip_vocab(tensor: torch.Tensor, true_vocab: int | None) -> torch.Tensor:
     """Drop vocabulary padding rows (keeps the first `true_vocab` rows)."""
     if true_vocab is None or tensor.dim() == 0 or tensor.shape[0] <= true_vocab:
         return tensor

@@ -1,25 +1,32 @@
-"""Restricted unpickling of torch checkpoints: an allowlist, inert stand-ins, and tensors as metadata only."""
+"""Restricted unpickling of torch checkpoints: an allowlist, inert stand-ins, and tensors as metadata only.
+
+Safety model: `find_class` never imports anything and never returns a real library callable. It returns
+only (a) immutable builtin types that cannot do harm (OrderedDict, set, frozenset, slice, complex),
+(b) `_Guarded` wrappers around this module's own argument-checking functions (objects that reject attribute
+writes, so BUILD cannot alter them), (c) stand-in classes (read-only classes, see standins.py) or (d) plain
+values (dtype names). A pre-scan of the opcode stream bounds memo indices and lengths before the C unpickler
+allocates anything, and a post-scan bounds the depth and expanded size of the object graph and refuses
+cycles, so callers can walk the result naively.
+"""
 
 from __future__ import annotations
 
 import io
 import pickle
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from math import prod
+from typing import Any
 
 from . import standins as S
 from .errors import CheckpointError, UnsafePickleError
-from .tensorref import STORAGE_DTYPES, DType, Size, StorageStub, TensorRef
+from .tensorref import ITEMSIZE, STORAGE_DTYPES, DType, Size, StorageStub, TensorRef
 from .torchzip import TorchZip
 
-_TORCH_DTYPES = {
-    "float32", "float", "float64", "double", "float16", "half", "bfloat16", "int64", "long", "int32", "int",
-    "int16", "short", "int8", "uint8", "bool", "complex64", "complex128", "float8_e4m3fn", "float8_e5m2",
-    "uint16", "uint32", "uint64",
-}
 _DTYPE_ALIASES = {"float": "float32", "double": "float64", "half": "float16", "long": "int64", "int": "int32",
                   "short": "int16"}
+_TORCH_DTYPES = frozenset(ITEMSIZE) | frozenset(_DTYPE_ALIASES)
 
 # Named stand-ins for classes that real DeepSpeed / Megatron / numpy / DCP pickles reference.
 _KNOWN_STANDINS: dict[str, type[S.StandIn]] = {
@@ -38,6 +45,14 @@ _KNOWN_PREFIXES_ENUM = ("megatron.core.enums.", "megatron.core.transformer.enums
 _KNOWN_DATA_PREFIXES = ("torch.distributed.checkpoint.", "megatron.core.dist_checkpointing.",
                         "numpy.dtypes.", "megatron.core.optimizer.optimizer_config.")
 
+# Bounds on what a pickle may ask for; real checkpoints stay far below them.
+MAX_DEPTH = 100  # container nesting of the result (state dicts nest < 15 deep)
+MAX_EXPANDED = 5_000_000  # nodes of the result seen as a tree (shared sub-objects counted per use)
+# A view may cover more elements than its storage holds (stride 0) but not absurdly more: reading it would
+# allocate numel * itemsize bytes.
+MAX_VIEW_BLOWUP = 1 << 30
+_INTS = frozenset({int})
+
 
 @dataclass
 class PickleReport:
@@ -47,13 +62,104 @@ class PickleReport:
     unknown_globals: set[str] = field(default_factory=set)
 
 
-def _rebuild_from_type(func: Any, new_type: Any, args: tuple, state: Any) -> Any:
-    if func is _REBUILD_MARKERS["_rebuild_tensor_v2"] or func is _REBUILD_MARKERS["_rebuild_tensor"]:
-        return func(*args)
-    return S.standin_class(S.Opaque, "torch._tensor._rebuild_from_type_v2")(func, args)
+class _Guarded:
+    """A callable handed to the unpickler: wraps one of our own functions and cannot be modified by a pickle."""
+
+    __slots__ = ("fn", "qualname")
+
+    def __init__(self, fn: Callable[..., Any], qualname: str) -> None:
+        object.__setattr__(self, "fn", fn)
+        object.__setattr__(self, "qualname", qualname)
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{self.qualname} is read-only")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{self.qualname} is read-only")
+
+    def __repr__(self) -> str:
+        return f"<{self.qualname}>"
 
 
-_REBUILD_MARKERS: dict[str, Callable[..., Any]] = {}
+def _plain(value: Any, what: str) -> str | int:
+    if type(value) not in (str, int):
+        raise TypeError(f"{what} expects a string or int argument")
+    return value
+
+
+def _device(*args: Any) -> str:
+    return "device(" + ", ".join(str(_plain(a, "torch.device")) for a in args) + ")"
+
+
+def _path(*parts: Any) -> str:
+    return "/".join(str(_plain(p, "pathlib.Path")) for p in parts)
+
+
+def _layout(name: Any) -> str:
+    if type(name) is not str:
+        raise TypeError("torch.serialization._get_layout expects a string")
+    return name
+
+
+def _size(*args: Any) -> Size:
+    if not args:
+        return Size()
+    if len(args) != 1 or not isinstance(args[0], (tuple, list)) or any(type(x) is not int for x in args[0]):
+        raise TypeError("torch.Size expects one tuple of ints")
+    return Size(args[0])
+
+
+def _safe_encode(obj: Any, encoding: str = "latin1") -> bytes:
+    if type(obj) is not str or encoding not in ("latin1", "latin-1", "utf-8", "utf8", "ascii"):
+        raise pickle.UnpicklingError("unexpected _codecs.encode call")
+    return obj.encode(encoding)
+
+
+def _bytearray(*args: Any) -> bytearray:
+    if len(args) == 0:
+        return bytearray()
+    if len(args) == 1 and isinstance(args[0], (bytes, list)):
+        return bytearray(args[0])
+    if len(args) == 2 and type(args[0]) is str and type(args[1]) is str:
+        return bytearray(_safe_encode(args[0], args[1]))
+    raise TypeError("bytearray() from a pickle takes bytes, a list of ints or (str, encoding)")
+
+
+def _numpy_scalar(*args: Any) -> Any:
+    return S.standin_class(S.Opaque, "numpy.scalar")(*args)
+
+
+def _rebuild_parameter(data: Any, *_: Any) -> Any:
+    return data
+
+
+def _reconstructor(cls: Any, base: Any, state: Any) -> Any:
+    """copyreg._reconstructor: only builds stand-ins or an empty OrderedDict, never calls a foreign class."""
+    if isinstance(cls, type) and issubclass(cls, S.StandIn):
+        return cls(state)
+    if cls is OrderedDict:
+        return OrderedDict()
+    raise pickle.UnpicklingError("copyreg._reconstructor on a non-allowlisted class")
+
+
+_BUILTIN_TYPES: dict[str, Any] = {"set": set, "frozenset": frozenset, "slice": slice, "complex": complex}
+_GUARDED: dict[str, _Guarded] = {
+    "builtins.bytearray": _Guarded(_bytearray, "builtins.bytearray"),
+    "_codecs.encode": _Guarded(_safe_encode, "_codecs.encode"),
+    "torch.Size": _Guarded(_size, "torch.Size"),
+    "torch.device": _Guarded(_device, "torch.device"),
+    "torch.serialization._get_layout": _Guarded(_layout, "torch.serialization._get_layout"),
+    "torch._utils._rebuild_parameter": _Guarded(_rebuild_parameter, "torch._utils._rebuild_parameter"),
+    "torch._utils._rebuild_parameter_with_state": _Guarded(_rebuild_parameter, "torch._utils._rebuild_parameter"),
+    "copyreg._reconstructor": _Guarded(_reconstructor, "copyreg._reconstructor"),
+    "numpy.core.multiarray.scalar": _Guarded(_numpy_scalar, "numpy.scalar"),
+    "numpy._core.multiarray.scalar": _Guarded(_numpy_scalar, "numpy.scalar"),
+}
+for _p in ("PosixPath", "PurePosixPath", "Path", "WindowsPath", "PureWindowsPath"):
+    _GUARDED[f"pathlib.{_p}"] = _Guarded(_path, f"pathlib.{_p}")
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -66,135 +172,272 @@ class RestrictedUnpickler(pickle.Unpickler):
         self.zip_dir = zip_dir
         self.report = report
         self.base_offset = base_offset
+        self._rebuild_v2 = _Guarded(self._rebuild_tensor, "torch._utils._rebuild_tensor_v2")
+        self._rebuild_v3 = _Guarded(self._rebuild_tensor_v3, "torch._utils._rebuild_tensor_v3")
+        self._from_type = _Guarded(self._rebuild_from_type, "torch._tensor._rebuild_from_type_v2")
 
     # torch.save writes ('storage', StorageClass, key, location, numel)
     def persistent_load(self, pid: Any) -> Any:
-        if not isinstance(pid, tuple) or not pid or pid[0] != "storage" or len(pid) < 5:
-            raise UnsafePickleError(self.path, f"unexpected persistent id {str(pid)[:80]!r}")
-        _, storage_type, key, _location, numel = pid[:5]
-        dtype = storage_type if isinstance(storage_type, str) else "uint8"
-        if not isinstance(numel, int) or numel < 0:
-            raise CheckpointError(self.path, f"storage {key!r} has an invalid element count")
-        return StorageStub(str(key), dtype, numel)
+        if type(pid) is not tuple or len(pid) != 5 or pid[0] != "storage":
+            raise UnsafePickleError(self.path, f"unexpected persistent id {_brief(pid)}")
+        _, dtype, key, _location, numel = pid
+        if type(dtype) is not str or dtype not in ITEMSIZE:
+            raise CheckpointError(self.path, f"storage has an unsupported storage type {_brief(dtype)}")
+        if type(key) is not str or not key or len(key) > 200:
+            raise CheckpointError(self.path, f"storage key {_brief(key)} is not a short string")
+        if type(numel) is not int or numel < 0:
+            raise CheckpointError(self.path, f"storage {key!r} has an invalid element count {_brief(numel)}")
+        return StorageStub(key, dtype, numel)
 
-    def _rebuild_tensor(self, storage: Any, storage_offset: int, size: Any, stride: Any, *rest: Any) -> TensorRef:
+    def _rebuild_tensor_v3(self, storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any = None,
+                           hooks: Any = None, dtype: Any = None, *rest: Any) -> TensorRef:
+        # v3 pickles an untyped storage (numel counted in bytes) and names the dtype explicitly.
+        if not isinstance(dtype, DType) or dtype not in ITEMSIZE:
+            raise CheckpointError(self.path, f"tensor has an unsupported dtype {_brief(dtype)}")
         if not isinstance(storage, StorageStub):
             raise CheckpointError(self.path, "tensor rebuild without a storage record")
-        ref = TensorRef(self.path, storage.key, storage.dtype, tuple(int(s) for s in size),
-                        tuple(int(s) for s in stride), int(storage_offset), storage.numel, self.base_offset)
-        if storage_offset < 0 or any(s < 0 for s in ref.shape) or any(s < 0 for s in ref.stride):
-            raise CheckpointError(self.path, f"tensor in storage {storage.key} has a negative offset or size")
-        if ref.extent() > storage.numel:
+        itemsize = ITEMSIZE[dtype]
+        if storage.dtype != "uint8" and storage.dtype != str(dtype):
+            raise CheckpointError(self.path, f"storage {storage.key} is {storage.dtype}, its tensor says {dtype}")
+        numel = storage.numel // itemsize if storage.dtype == "uint8" else storage.numel
+        return self._rebuild_tensor(StorageStub(storage.key, str(dtype), numel), storage_offset, size, stride)
+
+    def _rebuild_tensor(self, storage: Any, storage_offset: Any, size: Any, stride: Any, *rest: Any) -> TensorRef:
+        if not isinstance(storage, StorageStub):
+            raise CheckpointError(self.path, "tensor rebuild without a storage record")
+        key = storage.key
+        if (type(storage_offset) is not int or not isinstance(size, (tuple, list))
+                or not isinstance(stride, (tuple, list)) or not _INTS.issuperset(map(type, size))
+                or not _INTS.issuperset(map(type, stride))):
+            raise CheckpointError(self.path, f"tensor in storage {key} has a non-integer offset, size or stride")
+        if len(size) != len(stride) or len(size) > 64:
+            raise CheckpointError(self.path, f"tensor in storage {key} has {len(size)} sizes but {len(stride)} strides")
+        if storage_offset < 0 or (size and (min(size) < 0 or min(stride) < 0)):
+            raise CheckpointError(self.path, f"tensor in storage {key} has a negative offset, size or stride")
+        numel = prod(size)
+        extent = storage_offset + 1 + sum((d - 1) * s for d, s in zip(size, stride)) if numel else storage_offset
+        if extent > storage.numel:
             raise CheckpointError(
-                self.path,
-                f"tensor in storage {storage.key} reaches element {ref.extent()} of a {storage.numel}-element storage",
+                self.path, f"tensor in storage {key} reaches element {extent} of a {storage.numel}-element storage"
             )
-        if self.zip_dir is not None:
-            rec = self.zip_dir.records.get(f"{self.zip_dir.prefix}data/{storage.key}")
-            itemsize = ref.itemsize or 1
+        if numel > storage.numel + MAX_VIEW_BLOWUP:
+            raise CheckpointError(
+                self.path, f"tensor in storage {key} views {numel} elements of a {storage.numel}-element storage"
+            )
+        zip_dir = self.zip_dir
+        if zip_dir is not None:
+            rec = zip_dir.records.get(f"{zip_dir.prefix}data/{key}")
             if rec is None:
-                raise CheckpointError(self.path, f"storage record data/{storage.key} is missing from the zip")
-            if storage.numel * itemsize > rec.size:
+                raise CheckpointError(self.path, f"storage record data/{key} is missing from the zip")
+            nbytes = storage.numel * ITEMSIZE[storage.dtype]
+            if nbytes > rec.size:
                 raise CheckpointError(
                     self.path,
-                    f"storage data/{storage.key} declares {storage.numel * itemsize} bytes but the file holds "
-                    f"{rec.size} (corrupt or truncated)",
+                    f"storage data/{key} declares {nbytes} bytes but the file holds {rec.size} (corrupt or truncated)",
                 )
-            if rec.header_offset + rec.size > self.zip_dir.length:
-                raise CheckpointError(self.path, f"storage data/{storage.key} points outside the file")
+            if rec.header_offset + rec.size > zip_dir.length:
+                raise CheckpointError(self.path, f"storage data/{key} points outside the file (truncated?)")
+        ref = TensorRef(self.path, key, storage.dtype, tuple(size), tuple(stride), storage_offset, storage.numel,
+                        self.base_offset)
         self.report.tensors.append(ref)
         return ref
+
+    def _rebuild_from_type(self, func: Any, new_type: Any, args: Any, state: Any = None) -> Any:
+        if (func is self._rebuild_v2 or func is self._rebuild_v3) and type(args) is tuple:
+            return func(*args)
+        return S.standin_class(S.Opaque, "torch._tensor._rebuild_from_type_v2")(args)
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "__builtin__":
             module = "builtins"
-        if module == "copy_reg":
+        elif module == "copy_reg":
             module = "copyreg"
         qual = f"{module}.{name}"
+        guarded = _GUARDED.get(qual)
+        if guarded is not None:
+            return guarded
         if module == "collections" and name == "OrderedDict":
             return OrderedDict
-        if module == "builtins" and name in ("set", "frozenset", "slice", "complex", "bytearray"):
-            return {"set": set, "frozenset": frozenset, "slice": slice, "complex": complex,
-                    "bytearray": bytearray}[name]
-        if module == "_codecs" and name == "encode":
-            return _safe_encode
+        if module == "builtins" and name in _BUILTIN_TYPES:
+            return _BUILTIN_TYPES[name]
         if module == "torch":
             if name in STORAGE_DTYPES:
                 return STORAGE_DTYPES[name][0]
             if name in _TORCH_DTYPES:
                 return DType(_DTYPE_ALIASES.get(name, name))
-            if name == "Size":
-                return Size
-            if name == "Tensor" or name == "nn.Parameter":
+            if name in ("Tensor", "nn.Parameter"):
                 return S.standin_class(S.Opaque, qual)
-            if name == "device":
-                return _device
         if module == "torch.storage" and name in ("UntypedStorage", "TypedStorage"):
             return "uint8"
         if module == "torch._utils":
-            if name in ("_rebuild_tensor_v2", "_rebuild_tensor", "_rebuild_tensor_v3"):
-                return self._rebuild_tensor
-            if name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
-                return _rebuild_parameter
+            if name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
+                return self._rebuild_v2
+            if name == "_rebuild_tensor_v3":
+                return self._rebuild_v3
         if module == "torch._tensor" and name == "_rebuild_from_type_v2":
-            return self._rebuild_from_type
+            return self._from_type
         if module == "torch.nn.parameter" and name == "Parameter":
             return S.standin_class(S.Opaque, qual)
-        if module == "torch.serialization" and name == "_get_layout":
-            return str
-        if module == "argparse" and name == "Namespace":
-            return S.standin_class(S.DataRecord, "argparse.Namespace")
-        if module in ("types",) and name == "SimpleNamespace":
+        if qual in ("argparse.Namespace", "types.SimpleNamespace"):
             return S.standin_class(S.DataRecord, qual)
-        if module in ("pathlib",) and name in ("PosixPath", "PurePosixPath", "Path", "WindowsPath"):
-            return _path
-        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in ("_reconstruct", "scalar"):
-            return S.standin_class(S.NumpyArray, "numpy.ndarray") if name == "_reconstruct" else _numpy_scalar
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "_reconstruct":
+            return S.standin_class(S.NumpyArray, "numpy.ndarray")
         if qual in _KNOWN_STANDINS:
             return _KNOWN_STANDINS[qual]
         if qual.startswith(_KNOWN_PREFIXES_ENUM):
             return S.standin_class(S.EnumValue, qual)
         if qual.startswith(_KNOWN_DATA_PREFIXES):
             return S.standin_class(S.DataRecord, qual)
-        if module == "copyreg" and name == "_reconstructor":
-            return _reconstructor
+        if len(qual) > 300:
+            raise UnsafePickleError(self.path, f"global name {qual[:60]!r}... is implausibly long")
         self.report.unknown_globals.add(qual)
         return S.standin_class(S.UnknownGlobal, qual)
 
-    def _rebuild_from_type(self, func: Any, new_type: Any, args: tuple, state: Any) -> Any:
-        if func == self._rebuild_tensor:
-            return func(*args)
-        return S.standin_class(S.Opaque, "torch._tensor._rebuild_from_type_v2")(args)
+
+def _brief(value: Any) -> str:
+    """A short, safe description of a value from a pickle (never calls its methods)."""
+    if isinstance(value, (str, bytes, int, float, bool, type(None))):
+        text = repr(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+    if isinstance(value, (tuple, list)):
+        return f"<{type(value).__name__} of {len(value)}>"
+    if isinstance(value, (S.StandIn, _Guarded)):
+        return f"<{type(value).qualname if isinstance(value, S.StandIn) else value.qualname}>"
+    return f"<{type(value).__name__}>"
 
 
-def _rebuild_parameter(data: Any, *_: Any) -> Any:
-    return data
+# -- opcode pre-scan --------------------------------------------------------------------------------
+# argument layout per opcode: (fixed bytes, length-prefix bytes, newline-terminated lines, signed prefix)
+def _opcode_table() -> list[tuple[int, int, int, bool] | None]:
+    import pickletools as pt
+
+    kinds = {pt.UP_TO_NEWLINE: (0, 0, 1, False), pt.TAKEN_FROM_ARGUMENT1: (0, 1, 0, False),
+             pt.TAKEN_FROM_ARGUMENT4: (0, 4, 0, True), pt.TAKEN_FROM_ARGUMENT4U: (0, 4, 0, False),
+             pt.TAKEN_FROM_ARGUMENT8U: (0, 8, 0, False)}
+    table: list[tuple[int, int, int, bool] | None] = [None] * 256
+    for op in pt.opcodes:
+        arg = op.arg
+        table[ord(op.code)] = (0, 0, 0, False) if arg is None else (arg.n, 0, 0, False) if arg.n >= 0 else kinds[arg.n]
+    for code in (pickle.GLOBAL, pickle.INST):  # two newline-terminated strings
+        table[code[0]] = (0, 0, 2, False)
+    return table
 
 
-def _safe_encode(obj: Any, encoding: str = "latin1") -> bytes:
-    if not isinstance(obj, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8", "ascii"):
-        raise pickle.UnpicklingError("unexpected _codecs.encode call")
-    return obj.encode(encoding)
+_OPS = _opcode_table()
+_PUT_TEXT, _BINPUT, _LONG_BINPUT = ord(pickle.PUT), ord(pickle.BINPUT), ord(pickle.LONG_BINPUT)
+_STOP, _NEXT_BUFFER = ord(pickle.STOP), ord(pickle.NEXT_BUFFER)
+_READONLY_BUFFER = ord(pickle.READONLY_BUFFER)
 
 
-def _device(*args: Any) -> str:
-    return "device(" + ", ".join(str(a) for a in args) + ")"
+def scan_opcodes(data: bytes, path: str) -> int:
+    """Check the opcode stream before unpickling: known opcodes, lengths inside the data, memo indices no larger
+    than the data (the C unpickler sizes its memo array by the largest index). Returns the opcode count."""
+    n = len(data)
+    i = 0
+    count = 0
+    ops = _OPS
+    frm = int.from_bytes
+    while i < n:
+        code = data[i]
+        spec = ops[code]
+        if spec is None:
+            raise CheckpointError(path, f"corrupt pickle: unknown opcode 0x{code:02x} at byte {i}")
+        if code == _NEXT_BUFFER or code == _READONLY_BUFFER:
+            raise CheckpointError(path, "pickle uses out-of-band buffers, which checkpoints never do")
+        count += 1
+        i += 1
+        fixed, prefix, lines, signed = spec
+        if fixed:
+            if code == _LONG_BINPUT and frm(data[i:i + 4], "little") > n:
+                raise CheckpointError(path, "corrupt pickle: memo index larger than the pickle itself")
+            i += fixed
+        elif prefix:
+            length = frm(data[i:i + prefix], "little", signed=signed)
+            i += prefix
+            if length < 0 or length > n - i:
+                raise CheckpointError(path, f"corrupt or truncated pickle: a {length}-byte argument at byte {i}")
+            i += length
+        elif lines:
+            for _ in range(lines):
+                end = data.find(b"\n", i)
+                if end < 0:
+                    raise CheckpointError(path, "corrupt or truncated pickle: unterminated text argument")
+                if code == _PUT_TEXT:
+                    text = data[i:end]
+                    if not text.isdigit() or len(text) > 12 or int(text) > n:
+                        raise CheckpointError(path, "corrupt pickle: memo index larger than the pickle itself")
+                i = end + 1
+        if code == _STOP:
+            return count
+    if i > n:
+        raise CheckpointError(path, "pickle data is truncated")
+    raise CheckpointError(path, "pickle data is truncated (no STOP opcode)")
 
 
-def _path(*parts: Any) -> str:
-    return "/".join(str(p) for p in parts)
+# -- object graph post-scan -------------------------------------------------------------------------
+_LEAVES = (str, bytes, int, float, bool, type(None), TensorRef, StorageStub, bytearray, complex, slice, _Guarded,
+           type)
 
 
-def _numpy_scalar(*args: Any) -> Any:
-    return S.standin_class(S.Opaque, "numpy.scalar")(*args)
+def check_graph(obj: Any, path: str) -> None:
+    """Refuse results a naive walker could not handle: cycles, nesting deeper than MAX_DEPTH, or more than
+    MAX_EXPANDED nodes when shared sub-objects are counted once per use."""
+    sizes: dict[int, int] = {}  # id -> expanded size (done)
+    depths: dict[int, int] = {}
+    active: set[int] = set()
+    stack: list[tuple[Any, list[Any] | None]] = [(obj, None)]  # `obj` keeps every node alive: ids stay unique
+    while stack:
+        node, children = stack[-1]
+        if children is None:
+            nid = id(node)
+            if nid in sizes:
+                stack.pop()
+                continue
+            kids = _children(node)
+            if kids is None:
+                sizes[nid], depths[nid] = 1, 0
+                stack.pop()
+                continue
+            if nid in active:
+                raise CheckpointError(path, "pickle object graph contains a cycle")
+            active.add(nid)
+            if len(active) > MAX_DEPTH:
+                raise CheckpointError(path, f"pickle nests more than {MAX_DEPTH} containers deep")
+            stack[-1] = (node, kids)
+            for kid in kids:
+                if not isinstance(kid, _LEAVES) and id(kid) not in sizes:
+                    if id(kid) in active:
+                        raise CheckpointError(path, "pickle object graph contains a cycle")
+                    stack.append((kid, None))
+            continue
+        stack.pop()
+        nid = id(node)
+        total, depth = 1, 0
+        for kid in children:
+            if isinstance(kid, _LEAVES):
+                total += 1
+            else:
+                total += sizes[id(kid)]
+                depth = max(depth, depths[id(kid)])
+        if total > MAX_EXPANDED:
+            raise CheckpointError(path, f"pickle object graph expands to more than {MAX_EXPANDED} nodes")
+        if depth + 1 > MAX_DEPTH:
+            raise CheckpointError(path, f"pickle nests more than {MAX_DEPTH} containers deep")
+        sizes[nid], depths[nid] = total, depth + 1
+        active.discard(nid)
 
 
-def _reconstructor(cls: Any, base: Any, state: Any) -> Any:
-    if isinstance(cls, type) and issubclass(cls, S.StandIn):
-        return cls(state)
-    if cls is OrderedDict:
-        return OrderedDict()
-    raise pickle.UnpicklingError("copyreg._reconstructor on a non-allowlisted class")
+def _children(node: Any) -> list[Any] | None:
+    if isinstance(node, dict):
+        return [*node.keys(), *node.values()]
+    if isinstance(node, (list, tuple, set, frozenset)):
+        return list(node)
+    if isinstance(node, S.StandIn):
+        return list(node.__dict__.values())
+    if isinstance(node, _LEAVES):
+        return None
+    d = getattr(node, "__dict__", None)  # e.g. attributes BUILD put on an OrderedDict instance
+    return list(d.values()) if isinstance(d, dict) and d else None
 
 
 @dataclass
@@ -210,6 +453,7 @@ class LoadedPickle:
 
 def unpickle_bytes(data: bytes, path: str, zip_dir: TorchZip | None = None, base_offset: int = 0) -> LoadedPickle:
     """Unpickle `data` with the allowlist; errors become one-line CheckpointErrors naming `path`."""
+    scan_opcodes(data, path)
     report = PickleReport()
     unpickler = RestrictedUnpickler(data, path, zip_dir, report, base_offset)
     try:
@@ -220,9 +464,10 @@ def unpickle_bytes(data: bytes, path: str, zip_dir: TorchZip | None = None, base
         raise CheckpointError(path, "pickle nests too deeply") from None
     except MemoryError:
         raise CheckpointError(path, "pickle asks for too much memory") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
-            UnicodeDecodeError, OverflowError, ImportError) as exc:
-        raise CheckpointError(path, f"corrupt or unsupported pickle ({type(exc).__name__}: {exc})"[:300]) from None
+    except Exception as exc:  # any other failure of a hostile or corrupt stream is the file's fault
+        msg = " ".join(str(exc).split())
+        raise CheckpointError(path, f"corrupt or unsupported pickle ({type(exc).__name__}: {msg})"[:300]) from None
+    check_graph(obj, path)
     return LoadedPickle(path, obj, report, zip_dir, len(data))
 
 

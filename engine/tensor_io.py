@@ -37,13 +37,13 @@ def forget_files() -> None:
     MappedFile.forget()
 
 
-def torch_dtype(name: str) -> "torch.dtype":
+def torch_dtype(name: str) -> torch.dtype:
     import torch
 
     return getattr(torch, name)
 
 
-def _storage_view(ref: TensorRef, first: int, count: int) -> "torch.Tensor":
+def _storage_view(ref: TensorRef, first: int, count: int) -> torch.Tensor:
     """A zero-copy 1-D view of `count` storage elements starting at element `first`."""
     import torch
 
@@ -61,7 +61,7 @@ def _storage_view(ref: TensorRef, first: int, count: int) -> "torch.Tensor":
     return torch.frombuffer(mf.map, dtype=torch_dtype(ref.dtype), count=count, offset=base + first * itemsize)
 
 
-def read_tensor(ref: TensorRef, *, copy: bool = True) -> "torch.Tensor":
+def read_tensor(ref: TensorRef, *, copy: bool = True) -> torch.Tensor:
     """The whole tensor (a private copy unless copy=False, which returns a view of the read-only map)."""
     import torch
 
@@ -77,7 +77,7 @@ def read_tensor(ref: TensorRef, *, copy: bool = True) -> "torch.Tensor":
     return t.clone() if copy else t
 
 
-def read_flat(ref: TensorRef, start: int, numel: int, *, copy: bool = True) -> "torch.Tensor":
+def read_flat(ref: TensorRef, start: int, numel: int, *, copy: bool = True) -> torch.Tensor:
     """Elements [start, start+numel) of the tensor in row-major order, reading only those bytes when contiguous."""
     if start < 0 or start + numel > ref.numel:
         raise CheckpointError(

@@ -40,49 +40,57 @@ class TorchZip:
         except OSError as exc:
             raise CheckpointError(self.path, f"cannot stat file ({exc.strerror})") from None
         self.length = self.file_size - base_offset if length is None else length
+        if base_offset < 0 or self.length < 0 or base_offset + self.length > self.file_size:
+            raise CheckpointError(self.path, f"zip range {base_offset}+{self.length} lies outside the file")
         self.bytes_read = 0
         self.records: dict[str, ZipRecord] = {}
         self.prefix = ""
         self._data_offsets: dict[str, int] = {}
         self._lock = threading.Lock()
-        with open(self.path, "rb") as fh:
-            self._read_directory(fh)
+        self._tail = b""  # the last bytes of the zip, kept to serve small records without another read
+        self._tail_start = 0  # offset of _tail inside the zip
+        try:
+            with open(self.path, "rb") as fh:
+                self._read_directory(fh)
+        except OSError as exc:
+            raise CheckpointError(self.path, f"cannot read ({exc.strerror or exc})") from None
+        except (struct.error, IndexError, ValueError, OverflowError) as exc:
+            raise CheckpointError(self.path, f"zip directory is corrupt ({exc})") from None
 
     # -- directory -----------------------------------------------------------------------------
     def _read_directory(self, fh) -> None:
         if self.length < 22:
+            if self.length == 0:
+                raise CheckpointError(self.path, "file is empty (0 bytes): not a torch checkpoint")
             raise CheckpointError(self.path, "file is too small to be a torch checkpoint (truncated?)")
         tail_len = min(self.length, _TAIL)
         fh.seek(self.base + self.length - tail_len)
         tail = fh.read(tail_len)
         self.bytes_read += len(tail)
-        pos = tail.rfind(_EOCD_SIG)
-        if pos < 0:
-            with open(self.path, "rb") as probe:
-                probe.seek(self.base)
-                head = probe.read(4)
-            if head[:2] == b"\x80\x02" or head[:1] == b"\x80":
+        if len(tail) != tail_len:
+            raise CheckpointError(self.path, "file is shorter than its size says (changed while reading?)")
+        self._tail, self._tail_start = tail, self.length - tail_len
+        pos = tail.rfind(_EOCD_SIG, max(0, len(tail) - 22 - 0xFFFF))
+        if pos < 0 or pos + 22 > len(tail):
+            fh.seek(self.base)
+            head = fh.read(8)
+            self.bytes_read += len(head)
+            if head[:1] == b"\x80" or head[:6] == b"\x1f\x8b\x08\x00\x00\x00":
                 raise CheckpointError(
                     self.path,
                     "legacy (non-zip) torch serialization is not supported; re-save it with torch >= 1.6",
                 )
-            if head == _LOCAL_SIG:
+            if head[:4] == _LOCAL_SIG:
                 raise CheckpointError(self.path, "zip end record missing: the file is truncated")
             raise CheckpointError(self.path, "not a torch zip checkpoint (no zip end record)")
         (_, _, _, _, count, cd_size, cd_offset, _) = struct.unpack_from("<4sHHHHIIH", tail, pos)
         if count == 0xFFFF or cd_offset == 0xFFFFFFFF or cd_size == 0xFFFFFFFF:
             loc = tail.rfind(_EOCD64_LOC_SIG, 0, pos)
-            if loc < 0:
+            if loc < 0 or loc + 20 > len(tail):
                 raise CheckpointError(self.path, "zip64 locator missing: the file is corrupt")
             (_, _, eocd64_off, _) = struct.unpack_from("<4sIQI", tail, loc)
-            rel = eocd64_off - (self.length - tail_len)
-            if rel < 0:
-                fh.seek(self.base + eocd64_off)
-                rec = fh.read(56)
-                self.bytes_read += 56
-            else:
-                rec = tail[rel : rel + 56]
-            if rec[:4] != _EOCD64_SIG:
+            rec = self._read_at(fh, eocd64_off, 56)
+            if rec[:4] != _EOCD64_SIG or len(rec) < 56:
                 raise CheckpointError(self.path, "zip64 end record corrupt")
             (_, _, _, _, _, _, _, count, cd_size, cd_offset) = struct.unpack_from("<4sQHHIIQQQQ", rec)
         if cd_offset + cd_size > self.length:
@@ -90,14 +98,22 @@ class TorchZip:
                 self.path,
                 f"truncated: central directory at {cd_offset}+{cd_size} lies past the end ({self.length} bytes)",
             )
-        rel = cd_offset - (self.length - tail_len)
-        if rel >= 0:
-            cdir = tail[rel : rel + cd_size]
-        else:
-            fh.seek(self.base + cd_offset)
-            cdir = fh.read(cd_size)
-            self.bytes_read += len(cdir)
+        if count * 46 > cd_size:
+            raise CheckpointError(self.path, f"zip central directory is corrupt ({count} entries in {cd_size} bytes)")
+        cdir = self._read_at(fh, cd_offset, cd_size)
+        if len(cdir) != cd_size:
+            raise CheckpointError(self.path, "zip central directory is truncated")
         self._parse_cdir(cdir, count)
+
+    def _read_at(self, fh, offset: int, size: int) -> bytes:
+        """`size` bytes at zip offset `offset`, from the kept tail when it covers them."""
+        rel = offset - self._tail_start
+        if 0 <= rel and rel + size <= len(self._tail):
+            return self._tail[rel : rel + size]
+        fh.seek(self.base + offset)
+        data = fh.read(size)
+        self.bytes_read += len(data)
+        return data
 
     def _parse_cdir(self, cdir: bytes, count: int) -> None:
         p = 0
@@ -143,6 +159,8 @@ class TorchZip:
         rec = self.records.get(f"{self.prefix}data/{key}")
         if rec is None:
             raise CheckpointError(self.path, f"storage record data/{key} is missing (truncated or corrupt file)")
+        if rec.compressed:
+            raise CheckpointError(self.path, f"storage record data/{key} is compressed; torch never writes that")
         return rec
 
     def data_offset(self, rec: ZipRecord) -> int:
@@ -151,12 +169,8 @@ class TorchZip:
             off = self._data_offsets.get(rec.name)
         if off is not None:
             return off
-        with open(self.path, "rb") as fh:
-            fh.seek(self.base + rec.header_offset)
-            head = fh.read(30)
-        self.bytes_read += len(head)
-        if len(head) < 30 or head[:4] != _LOCAL_SIG:
-            raise CheckpointError(self.path, f"record {rec.name} has a corrupt local header (truncated file?)")
+        head = self._read_span(rec.header_offset, 30)
+        self._check_local(rec, head)
         nlen, xlen = struct.unpack_from("<HH", head, 26)
         off = self.base + rec.header_offset + 30 + nlen + xlen
         if off - self.base + rec.size > self.length:
@@ -165,18 +179,38 @@ class TorchZip:
             self._data_offsets[rec.name] = off
         return off
 
+    def _check_local(self, rec: ZipRecord, head: bytes) -> None:
+        if len(head) < 30 or head[:4] != _LOCAL_SIG:
+            raise CheckpointError(self.path, f"record {rec.name} has a corrupt local header (truncated file?)")
+
+    def _read_span(self, offset: int, size: int) -> bytes:
+        try:
+            with open(self.path, "rb") as fh:
+                return self._read_at(fh, offset, size)
+        except OSError as exc:
+            raise CheckpointError(self.path, f"cannot read ({exc.strerror or exc})") from None
+
     def read_record(self, name: str) -> bytes:
-        """Read a small record (e.g. data.pkl) whole."""
+        """Read a small record (e.g. data.pkl) whole: one read for its local header and data together."""
         rec = self.records.get(name) or self.records.get(self.prefix + name)
         if rec is None:
             raise CheckpointError(self.path, f"record {name} is missing")
         if rec.compressed:
             raise CheckpointError(self.path, f"record {name} is compressed; torch never writes that")
-        off = self.data_offset(rec)
-        with open(self.path, "rb") as fh:
-            fh.seek(off)
-            data = fh.read(rec.size)
-        self.bytes_read += len(data)
+        if rec.header_offset + 30 + rec.size > self.length:
+            raise CheckpointError(self.path, f"record {rec.name} extends past the end of the file (truncated)")
+        # the local name usually equals the central one; torch pads data records with an extra field, so read a
+        # little more than the minimum and fall back to a second read when the extra field is longer
+        guess = 30 + len(rec.name.encode()) + 128
+        blob = self._read_span(rec.header_offset, min(guess + rec.size, self.length - rec.header_offset))
+        self._check_local(rec, blob[:30])
+        nlen, xlen = struct.unpack_from("<HH", blob, 26)
+        start = 30 + nlen + xlen
+        with self._lock:
+            self._data_offsets[rec.name] = self.base + rec.header_offset + start
+        data = blob[start : start + rec.size]
+        if len(data) != rec.size and start + rec.size <= self.length - rec.header_offset:
+            data = self._read_span(rec.header_offset + start, rec.size)
         if len(data) != rec.size:
             raise CheckpointError(self.path, f"record {name} is truncated")
         return data
@@ -188,7 +222,7 @@ class TorchZip:
 class MappedFile:
     """A read-only mmap of a whole file, shared by the tensors viewed from it."""
 
-    _cache: dict[str, "MappedFile"] = {}
+    _cache: dict[str, MappedFile] = {}
     _cache_lock = threading.Lock()
 
     def __init__(self, path: str) -> None:
@@ -199,7 +233,7 @@ class MappedFile:
         self.size = size
 
     @classmethod
-    def open(cls, path: str) -> "MappedFile":
+    def open(cls, path: str) -> MappedFile:
         with cls._cache_lock:
             mf = cls._cache.get(path)
             if mf is None:

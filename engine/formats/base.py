@@ -25,7 +25,7 @@ class DirListing:
     dirs: tuple[str, ...]
 
     @classmethod
-    def of(cls, path: str) -> "DirListing":
+    def of(cls, path: str) -> DirListing:
         files: list[str] = []
         dirs: list[str] = []
         try:
@@ -43,7 +43,7 @@ class DirListing:
     def file_set(self) -> frozenset[str]:
         return frozenset(self.files)
 
-    def sub(self, name: str) -> "DirListing":
+    def sub(self, name: str) -> DirListing:
         return DirListing.of(os.path.join(self.path, name))
 
     def read_text(self, name: str, limit: int = 4096) -> str | None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..layout import Checkpoint, Degrees, Format, Fragment, IterationRef, Param, RankFile, Run, Shard
-from ..rules import TpRule, TpSpec, classify_deepspeed, global_shape
+from ..rules import TpRule, classify_deepspeed, global_shape
 from ..safe_unpickle import LoadedPickle, load_torch_metadata
 from ..standins import StandIn
 from ..tensorref import TensorRef
@@ -70,7 +70,7 @@ class _TagFiles:
     bf16_prefix: bool = False
 
     @classmethod
-    def scan(cls, path: str) -> "_TagFiles":
+    def scan(cls, path: str) -> _TagFiles:
         tf = cls()
         for name in DirListing.of(path).files:
             full = os.path.join(path, name)
@@ -101,6 +101,7 @@ class _Builder:
         self.frags: dict[str, list[Fragment]] = {}
         self.frozen: set[str] = set()
         self.dtype: dict[str, str] = {}
+        self.alias_weights: dict[str, list[Fragment]] = {}
 
     def shape(self, name: str, pp: int, tp: int, shape: Any) -> None:
         if name not in self.local:
@@ -208,7 +209,8 @@ class _DeepSpeedReader:
         if tf.experts:
             self.warnings.append(f"{len(tf.experts)} MoE expert files found: expert weights are listed, not merged")
         if self.unknown_globals:
-            self.warnings.append("pickles name unknown globals (kept inert): " + ", ".join(sorted(self.unknown_globals)))
+            names = ", ".join(sorted(self.unknown_globals))
+            self.warnings.append(f"pickles name unknown globals (kept inert): {names}")
         iteration = m0.get("iteration", m0.get("global_steps", self.ref.iteration))
         meta = {
             "ds_version": m0.get("ds_version"),
@@ -319,7 +321,7 @@ class _DeepSpeedReader:
                     for name, addr in mapping.items():
                         numel, start = int(addr.numel), int(addr.start)
                         if name not in b.local:
-                            raise CheckpointError(opath, f"param_slice_mappings names {name!r}, absent from param_shapes")
+                            raise CheckpointError(opath, f"param_slice_mappings names {name!r}, not in param_shapes")
                         dst = offsets.get(name, 0)
                         offsets[name] = dst + numel
                         for sname, src in srcs.items():
@@ -329,7 +331,7 @@ class _DeepSpeedReader:
                                         opath, f"fragment of {name} [{start}, {start + numel}) exceeds the "
                                         f"{src.numel}-element {sname} partition of group {g}")
                                 b.add(name, Fragment(sname, src, start, numel, dst, trank, stage, d))
-                        if d == 0 and dst == 0:
+                        if dst == 0:
                             if isinstance(step, TensorRef):
                                 b.add(name, Fragment("step", step, 0, 1, 0, trank, stage, 0))
                             elif step is not None:
@@ -504,11 +506,16 @@ class _DeepSpeedReader:
             buffers = set(m.get("buffer_names") or [])
             shared = m.get("shared_params") or {}
             for k, v in module.items():
-                if not isinstance(v, TensorRef) or k in buffers or k in shared:
+                if not isinstance(v, TensorRef) or k in buffers:
+                    continue
+                if k in shared:  # a tied alias: its own model-dtype copy, kept for the universal writer
+                    b.alias_weights.setdefault(k, []).append(Fragment("weight", v, 0, v.numel, 0, trank, stage, 0))
                     continue
                 if k not in b.local:  # ZeRO-1 does not record frozen parameters: the module still has them
                     b.shape(k, stage, trank, v.shape)
                     b.frozen.add(k)
+                if any(f.state == "weight" and f.tp == trank and f.pp == stage for f in b.frags[k]):
+                    continue  # ZeRO-2 frozen_param_fragments already hold it
                 b.add(k, Fragment("weight", v, 0, v.numel, 0, trank, stage, 0))
         if not layers:
             return
@@ -580,7 +587,7 @@ class _DeepSpeedReader:
                 continue
             params.append(Param(name=alias, shape=src.shape, dtype=src.dtype, shards=src.shards,
                                 partition_dim=src.partition_dim, rule=src.rule, tied_to=source,
-                                padded_shape=src.padded_shape))
+                                padded_shape=src.padded_shape, fragments=tuple(b.alias_weights.get(alias, ()))))
         return tuple(params)
 
     def _rank_files(self, tp: int, pp: int) -> tuple[RankFile, ...]:
@@ -622,10 +629,6 @@ def _frag_dtype(frags: list[Fragment], default: str) -> str:
         if f.state == "weight":
             return f.tensor.dtype
     return default
-
-
-def _spec_for(name: str, uc_info: dict, tp: int) -> TpSpec:
-    return classify_deepspeed(name, uc_info, tp)
 
 
 register(DeepSpeedFormat())

@@ -1,0 +1,83 @@
+"""Messages the app's thread workers post to the UI: plain dataclasses carrying engine objects."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from textual.message import Message
+
+from engine import Checkpoint, IterationRef, Run
+from engine.progress import EventKind, ProgressEvent
+
+if TYPE_CHECKING:
+    from .param_stats import ParamStats
+
+
+@dataclass
+class RunsFound(Message):
+    """A batch of runs the root scan found (posted about every 0.1 s, the first one at once)."""
+
+    runs: list[Run]
+
+
+@dataclass
+class ScanFinished(Message):
+    """The root scan walked everything; `count` runs in all."""
+
+    count: int
+    seconds: float
+
+
+@dataclass
+class CheckpointLoaded(Message):
+    """An iteration's metadata was read."""
+
+    ref: IterationRef
+    checkpoint: Checkpoint
+
+
+@dataclass
+class StatsComputed(Message):
+    """Statistics of one parameter, computed off the UI thread."""
+
+    checkpoint_path: str
+    param_name: str
+    stats: ParamStats
+
+
+@dataclass
+class PlanReady(Message):
+    """The engine planned a conversion (the same Plan object the executor will run)."""
+
+    plan: Any  # engine.plan.Plan
+
+
+@dataclass
+class PlanFailed(Message):
+    """The target cannot be planned; `cause` is the engine's one-line reason."""
+
+    cause: str
+
+
+@dataclass
+class ExecProgress(Message):
+    """One engine progress event. A backlog of ITEM_PROGRESS from one worker collapses to the newest."""
+
+    event: ProgressEvent
+
+    def can_replace(self, message: Message) -> bool:
+        return (
+            self.event.kind == EventKind.ITEM_PROGRESS
+            and isinstance(message, ExecProgress)
+            and message.event.kind == EventKind.ITEM_PROGRESS
+            and message.event.worker == self.event.worker
+        )
+
+
+@dataclass
+class ExecFinished(Message):
+    """`execute_plan` returned (its ExecResult) or stopped on request."""
+
+    result: Any  # engine.execute.ExecResult | None when cancelled before a result
+    cancelled: bool

@@ -1,0 +1,1 @@
+"""Screens of the ckpt-explorer app: browse, preview, convert, help and the modals."""

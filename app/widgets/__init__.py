@@ -1,0 +1,1 @@
+"""Widgets of the ckpt-explorer app, one per file."""

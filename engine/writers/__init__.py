@@ -1,0 +1,1 @@
+"""Output writers: DeepSpeed universal, consolidated safetensors/torch, and same-format reshard outputs."""
