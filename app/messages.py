@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from textual.message import Message
 
 from engine import Checkpoint, IterationRef, Run
+from engine.execute import ExecResult
+from engine.plan import Plan
 from engine.progress import EventKind, ProgressEvent
 
 if TYPE_CHECKING:
@@ -50,7 +52,7 @@ class StatsComputed(Message):
 class PlanReady(Message):
     """The engine planned a conversion (the same Plan object the executor will run)."""
 
-    plan: Any  # engine.plan.Plan
+    plan: Plan
 
 
 @dataclass
@@ -65,6 +67,7 @@ class ExecProgress(Message):
     """One engine progress event. A backlog of ITEM_PROGRESS from one worker collapses to the newest."""
 
     event: ProgressEvent
+    at: float  # when the app received it (time.monotonic); rates and ETA are computed from these
 
     def can_replace(self, message: Message) -> bool:
         return (
@@ -79,5 +82,5 @@ class ExecProgress(Message):
 class ExecFinished(Message):
     """`execute_plan` returned (its ExecResult) or stopped on request."""
 
-    result: Any  # engine.execute.ExecResult | None when cancelled before a result
+    result: ExecResult | None  # None when cancelled
     cancelled: bool

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from .errors import CheckpointError, OutputExistsError
 from .plan import Plan, PlanItem
 from .progress import EventKind, ProgressCallback, ProgressEvent
-from .verify import verify_output
+from .verify import verify_file, verify_output
 
 JOURNAL = ".ckpt-explorer-journal.jsonl"
 PARTIAL_SUFFIX = ".ckpt-explorer-partial"
@@ -309,6 +309,8 @@ def execute_plan(plan: Plan, dst: str, *, workers: int | None = None, overwrite:
         raise
     journal.close()
     problems = [p for p in (verify_output(item, work) for item in plan.all_items) if p]
+    problems += [p for p in {verify_file(os.path.join(work, rel)) for i in plan.all_items for rel in i.outputs} if p]
+    shutil.rmtree(os.path.join(work, ".ckpt-explorer-done"), ignore_errors=True)
     if problems:
         shutil.rmtree(work, ignore_errors=True)
         raise CheckpointError(dst, f"verification failed: {problems[0]}")

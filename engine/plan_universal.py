@@ -6,9 +6,10 @@ import os
 
 from .assemble import fragment_bytes, source_stage
 from .errors import PlanError
+from .formats.deepspeed import param_spec
 from .layout import Checkpoint, Format, Param
 from .plan import Plan, PlanItem, Target
-from .rules import TpRule, classify_deepspeed
+from .rules import TpRule
 
 UNIVERSAL_STATES = ("fp32", "exp_avg", "exp_avg_sq")
 
@@ -18,8 +19,7 @@ def universal_tag(ckpt: Checkpoint, target: Target) -> str:
 
 
 def _param_item(ckpt: Checkpoint, p: Param, tag: str, uc: dict, autotp: bool) -> PlanItem:
-    tp = ckpt.degrees.tp
-    spec = classify_deepspeed(p.name, uc, tp)
+    spec = param_spec(ckpt, p.name)
     base = f"{tag}/zero/{p.name}"
     flags = list(p.flags)
     states = [s for s in UNIVERSAL_STATES if any(f.state == s for f in p.fragments)]

@@ -11,6 +11,7 @@ cycles, so callers can walk the result naively.
 
 from __future__ import annotations
 
+import _compat_pickle
 import io
 import pickle
 from collections import OrderedDict
@@ -166,8 +167,9 @@ class RestrictedUnpickler(pickle.Unpickler):
     """Resolves only allowlisted globals; everything else becomes an inert, reported stand-in."""
 
     def __init__(self, data: bytes, path: str, zip_dir: TorchZip | None, report: PickleReport,
-                 base_offset: int = 0) -> None:
+                 base_offset: int = 0, *, storages: bool = True) -> None:
         super().__init__(io.BytesIO(data))
+        self.storages = storages
         self.path = path
         self.zip_dir = zip_dir
         self.report = report
@@ -178,6 +180,8 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     # torch.save writes ('storage', StorageClass, key, location, numel)
     def persistent_load(self, pid: Any) -> Any:
+        if not self.storages:
+            raise UnsafePickleError(self.path, "plain pickle refers to tensor storages (persistent ids)")
         if type(pid) is not tuple or len(pid) != 5 or pid[0] != "storage":
             raise UnsafePickleError(self.path, f"unexpected persistent id {_brief(pid)}")
         _, dtype, key, _location, numel = pid
@@ -248,10 +252,11 @@ class RestrictedUnpickler(pickle.Unpickler):
         return S.standin_class(S.Opaque, "torch._tensor._rebuild_from_type_v2")(args)
 
     def find_class(self, module: str, name: str) -> Any:
-        if module == "__builtin__":
-            module = "builtins"
-        elif module == "copy_reg":
-            module = "copyreg"
+        # protocol 0-2 pickles name Python 2 modules (torch.save writes protocol 2): map them like pickle does
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
         qual = f"{module}.{name}"
         guarded = _GUARDED.get(qual)
         if guarded is not None:
@@ -451,11 +456,14 @@ class LoadedPickle:
     bytes_read: int
 
 
-def unpickle_bytes(data: bytes, path: str, zip_dir: TorchZip | None = None, base_offset: int = 0) -> LoadedPickle:
-    """Unpickle `data` with the allowlist; errors become one-line CheckpointErrors naming `path`."""
+def unpickle_bytes(data: bytes, path: str, zip_dir: TorchZip | None = None, base_offset: int = 0, *,
+                   storages: bool = True) -> LoadedPickle:
+    """Unpickle `data` with the allowlist; errors become one-line CheckpointErrors naming `path`.
+
+    `storages=False` (plain pickles) refuses persistent ids: only torch zip pickles may reference storages."""
     scan_opcodes(data, path)
     report = PickleReport()
-    unpickler = RestrictedUnpickler(data, path, zip_dir, report, base_offset)
+    unpickler = RestrictedUnpickler(data, path, zip_dir, report, base_offset, storages=storages)
     try:
         obj = unpickler.load()
     except CheckpointError:
@@ -488,6 +496,6 @@ def load_plain_pickle(path: str, data: bytes | None = None) -> LoadedPickle:
                 data = fh.read()
         except OSError as exc:
             raise CheckpointError(path, f"cannot read ({exc.strerror})") from None
-    loaded = unpickle_bytes(data, path, None)
+    loaded = unpickle_bytes(data, path, None, storages=False)
     loaded.bytes_read = len(data)
     return loaded

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from typing import TYPE_CHECKING
 
 from .errors import CheckpointError
-from .tensorref import TensorRef
+from .tensorref import ITEMSIZE, TensorRef
 from .torchzip import MappedFile, TorchZip
 
 if TYPE_CHECKING:
@@ -38,27 +39,51 @@ def forget_files() -> None:
 
 
 def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype called `name`: only dtypes a checkpoint can hold, never an arbitrary torch attribute."""
     import torch
 
-    return getattr(torch, name)
+    dtype = getattr(torch, name, None) if name in ITEMSIZE else None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unsupported tensor dtype {name!r}")
+    return dtype
+
+
+def _dtype_of(ref: TensorRef) -> torch.dtype:
+    try:
+        return torch_dtype(ref.dtype)
+    except ValueError as exc:
+        raise CheckpointError(ref.file, str(exc)) from None
+
+
+def _map(path: str) -> MappedFile:
+    try:
+        mf = MappedFile.open(path)
+        size = os.stat(path).st_size
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(path, f"cannot map file ({getattr(exc, 'strerror', None) or exc})") from None
+    if size < mf.size:  # touching pages past the new end of a mapped file would kill the process (SIGBUS)
+        MappedFile.forget(path)
+        raise CheckpointError(path, f"file shrank from {mf.size} to {size} bytes while open (truncated?)")
+    return mf
 
 
 def _storage_view(ref: TensorRef, first: int, count: int) -> torch.Tensor:
     """A zero-copy 1-D view of `count` storage elements starting at element `first`."""
     import torch
 
+    dtype = _dtype_of(ref)
+    if count == 0:
+        return torch.empty(0, dtype=dtype)
     z = _zip_for(ref)
     rec = z.storage_record(ref.storage_key)
     base = z.data_offset(rec)
     itemsize = ref.itemsize
-    if (first + count) * itemsize > rec.size:
+    if first < 0 or count < 0 or (first + count) * itemsize > rec.size:
         raise CheckpointError(ref.file, f"read past the end of storage data/{ref.storage_key}")
-    mf = MappedFile.open(ref.file)
+    mf = _map(ref.file)
     if mf.map is None or base + (first + count) * itemsize > mf.size:
         raise CheckpointError(ref.file, "file is shorter than its zip directory says (truncated)")
-    if count == 0:
-        return torch.empty(0, dtype=torch_dtype(ref.dtype))
-    return torch.frombuffer(mf.map, dtype=torch_dtype(ref.dtype), count=count, offset=base + first * itemsize)
+    return torch.frombuffer(mf.map, dtype=dtype, count=count, offset=base + first * itemsize)
 
 
 def read_tensor(ref: TensorRef, *, copy: bool = True) -> torch.Tensor:
@@ -66,7 +91,7 @@ def read_tensor(ref: TensorRef, *, copy: bool = True) -> torch.Tensor:
     import torch
 
     if ref.numel == 0:
-        return torch.empty(ref.shape, dtype=torch_dtype(ref.dtype))
+        return torch.empty(ref.shape, dtype=_dtype_of(ref))
     if ref.is_contiguous:
         flat = _storage_view(ref, ref.storage_offset, ref.numel)
         t = flat.view(ref.shape)
@@ -79,7 +104,7 @@ def read_tensor(ref: TensorRef, *, copy: bool = True) -> torch.Tensor:
 
 def read_flat(ref: TensorRef, start: int, numel: int, *, copy: bool = True) -> torch.Tensor:
     """Elements [start, start+numel) of the tensor in row-major order, reading only those bytes when contiguous."""
-    if start < 0 or start + numel > ref.numel:
+    if start < 0 or numel < 0 or start + numel > ref.numel:
         raise CheckpointError(
             ref.file, f"fragment [{start}, {start + numel}) lies outside a {ref.numel}-element tensor"
         )

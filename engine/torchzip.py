@@ -75,7 +75,7 @@ class TorchZip:
             fh.seek(self.base)
             head = fh.read(8)
             self.bytes_read += len(head)
-            if head[:1] == b"\x80" or head[:6] == b"\x1f\x8b\x08\x00\x00\x00":
+            if head[:1] == b"\x80":
                 raise CheckpointError(
                     self.path,
                     "legacy (non-zip) torch serialization is not supported; re-save it with torch >= 1.6",

@@ -41,6 +41,14 @@ def verify_file(path: str) -> str | None:
 
 def verify_output(item: PlanItem, root: str) -> str | None:
     """None when every output of `item` under `root` is complete."""
+    if item.kind == "tensor":
+        from .writers.consolidated import tensor_item_complete
+
+        if not tensor_item_complete(item, root):
+            return f"{item.outputs[0]}: bytes of {item.name} missing or changed"
+        return None
+    if item.kind == "safetensors_header":
+        return None if os.path.isfile(os.path.join(root, item.outputs[0])) else f"{item.outputs[0]}: missing"
     for rel in item.outputs:
         problem = verify_file(os.path.join(root, rel))
         if problem:

@@ -44,6 +44,12 @@ class RunTree(Tree[NodeData]):
                 self._iteration_nodes[ref.path] = node.add(label, data=ref, allow_expand=True)
         self.root.expand()
 
+    def reset(self) -> None:
+        """Forget every run (before a rescan)."""
+        self.clear()
+        self._iteration_nodes.clear()
+        self._run_count = 0
+
     def node_for(self, ref: IterationRef) -> TreeNode[NodeData] | None:
         return self._iteration_nodes.get(ref.path)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..layout import Checkpoint, Degrees, Format, Fragment, IterationRef, Param, RankFile, Run, Shard
-from ..rules import TpRule, classify_deepspeed, global_shape
+from ..rules import TpRule, TpSpec, classify_deepspeed, global_shape
 from ..safe_unpickle import LoadedPickle, load_torch_metadata
 from ..standins import StandIn
 from ..tensorref import TensorRef
@@ -199,7 +199,7 @@ class _DeepSpeedReader:
         shared = {}
         for lp in models.values():
             shared.update({k: v for k, v in (lp.obj.get("shared_params") or {}).items()})
-        params = self._params(builder, uc_info, tp, shared, dtype)
+        params = self._params(builder, uc_info, tp, shared, dtype, megatron_hints(args, m0.get("checkpoint_version")))
         files = self._rank_files(tp, pp)
         states = ["fp32", *MOMENTS] if optims or zero_stage == 0 else []
         if any(f.state == "step" for p in params for f in p.fragments) or step_values:
@@ -552,13 +552,14 @@ class _DeepSpeedReader:
         return out
 
     # -- assembling Params ----------------------------------------------------------------------
-    def _params(self, b: _Builder, uc_info: dict, tp: int, shared: dict, dtype: str) -> tuple[Param, ...]:
+    def _params(self, b: _Builder, uc_info: dict, tp: int, shared: dict, dtype: str,
+                hints: dict[str, Any] | None) -> tuple[Param, ...]:
         params: list[Param] = []
         true_vocab = uc_info.get("original_vocab_size")
         by_name: dict[str, Param] = {}
         for name in b.order:
             locs = b.local[name]
-            spec = classify_deepspeed(name, uc_info, tp)
+            spec = classify_deepspeed(name, uc_info, tp, megatron=hints)
             stage0 = min(pp for (pp, _) in locs)
             local_shapes = [locs[(stage0, t)] for t in range(tp) if (stage0, t) in locs]
             if len(local_shapes) < tp and len(local_shapes) > 0 and spec.partitioned:
@@ -615,6 +616,22 @@ class _DeepSpeedReader:
         for p in sorted(tf.expp):
             out.append(RankFile(p, "expert_optim", size(p)))
         return tuple(out)
+
+
+def megatron_hints(args: Any, checkpoint_version: Any) -> dict[str, Any] | None:
+    """What the Megatron name rules need, from a Megatron-DeepSpeed `args` Namespace (None without one)."""
+    if args is None:
+        return None
+    heads = getattr(args, "num_attention_heads", None)
+    groups = getattr(args, "num_query_groups", None) or getattr(args, "num_key_value_heads", None)
+    return {"checkpoint_version": checkpoint_version, "swiglu": bool(getattr(args, "swiglu", False)),
+            "num_heads": heads, "num_groups": groups}
+
+
+def param_spec(ckpt: Checkpoint, name: str) -> TpSpec:
+    """The TP rule of one parameter of a DeepSpeed checkpoint (the same the reader used for its shape)."""
+    hints = megatron_hints(ckpt.meta.get("args"), ckpt.meta.get("checkpoint_version"))
+    return classify_deepspeed(name, ckpt.meta.get("universal_checkpoint_info") or {}, ckpt.degrees.tp, megatron=hints)
 
 
 def _prod(shape: Any) -> int:

@@ -46,7 +46,7 @@ def is_universal_tag_dir(path: str) -> bool:
     return False
 
 
-def _pmap(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+def parallel_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
     """Map over many small-file reads; a thread pool once there are enough of them to overlap I/O."""
     items = list(items)
     if len(items) < 32:
@@ -229,7 +229,7 @@ class UniversalFormat(CheckpointFormat):
             kind, arg = job
             return _read_param_dir(zero_dir, arg) if kind == "param" else _load_dict(arg)
 
-        results = _pmap(run_job, jobs)
+        results = parallel_map(run_job, jobs)
         params_files = {r.name: r for r in results[: len(names)]}
         models = dict(zip(model_paths, results[len(names) : len(names) + len(model_paths)]))
         opt = results[-1] if has_opt else None

@@ -1,0 +1,109 @@
+"""The details pane of one parameter: partitioning, where each fragment lives, and statistics on request."""
+
+from __future__ import annotations
+
+import math
+import os
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.widgets import DataTable, Static
+
+from engine import Param
+
+from ..formatting import shape, shard_shape, size
+
+
+class ParamDetails(Vertical):
+    """Shows the highlighted parameter; `show_stats` adds its statistics once computed."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.param: Param | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Static("Select an iteration in the tree, then a parameter.", id="param-summary")
+        yield Static("", id="param-stats")
+        table: DataTable[object] = DataTable(id="fragment-table", cursor_type="row", zebra_stripes=True)
+        for key, label in (("rank", "tp/pp/dp"), ("file", "file"), ("state", "state"), ("offset", "offset"),
+                           ("numel", "numel"), ("dst", "at element")):
+            table.add_column(label, key=key)
+        yield table
+
+    def show(self, param: Param | None) -> None:
+        if param is not None and self.param is not None and param.name == self.param.name and param is self.param:
+            return
+        self.param = param
+        self.query_one("#param-stats", Static).update("")
+        table = self.query_one("#fragment-table", DataTable)
+        table.clear()
+        if param is None:
+            self.query_one("#param-summary", Static).update(Text("No parameter matches the filter.", "dim"))
+            return
+        self.query_one("#param-summary", Static).update(summary(param))
+        for frag in param.fragments:
+            table.add_row(
+                f"{frag.tp}/{frag.pp}/{frag.dp}",
+                os.path.basename(frag.tensor.file),
+                frag.state,
+                Text(f"{frag.src_start:,}", justify="right"),
+                Text(f"{frag.numel:,}", justify="right"),
+                Text(f"{frag.dst_start:,}", justify="right"),
+            )
+
+    def show_pending_stats(self, param_name: str) -> None:
+        self.query_one("#param-stats", Static).update(Text(f"computing statistics of {param_name}…", "dim"))
+
+    def show_stats(self, param_name: str, stats: object) -> None:
+        if self.param is None or self.param.name != param_name:
+            return
+        self.query_one("#param-stats", Static).update(stats_renderable(stats))
+
+
+def summary(param: Param) -> Group:
+    facts = Text.assemble((param.name, "bold"), f"   {param.dtype} · {size(param.nbytes)}")
+    line = Text.assemble(
+        ("global ", "dim"), shape(param.shape),
+        ("   per rank ", "dim"), shard_shape(param),
+        ("   rule ", "dim"), (param.rule, "yellow" if param.flags else "cyan"),
+        ("" if param.partition_dim is None else f" on dim {param.partition_dim}"),
+    )
+    extras = []
+    if param.padded_shape and tuple(param.padded_shape) != tuple(param.shape):
+        extras.append(f"padded {shape(param.padded_shape)}")
+    if param.tied_to:
+        extras.append(f"tied to {param.tied_to}")
+    if param.frozen:
+        extras.append("frozen")
+    extras.append(f"states {', '.join(param.states) or 'none'} · {len(param.fragments)} fragments")
+    parts = [facts, line, Text(" · ".join(extras), "dim")]
+    parts += [Text(f"⚠ {flag}", "yellow") for flag in param.flags]
+    return Group(*parts)
+
+
+def stats_renderable(stats: object) -> Table:
+    """A one-row table of whatever a ParamStats holds (engine or interim version alike)."""
+    table = Table(box=None, padding=(0, 2, 0, 0), show_edge=False, header_style="bold", title_justify="left")
+    names = ("min", "max", "mean", "std", "norm", "nan", "inf")
+    table.add_column("of")
+    for name in names:
+        table.add_column(name, justify="right")
+    row = [f"{getattr(stats, 'state', '?')} ({getattr(stats, 'numel', 0):,})"]
+    for name in names:
+        value = getattr(stats, name, None)
+        row.append(_number(value, name))
+    table.add_row(*row)
+    return table
+
+
+def _number(value: object, name: str) -> Text:
+    if value is None:
+        return Text("-", "dim")
+    if isinstance(value, int):
+        return Text(f"{value:,}", "bold red" if value and name in ("nan", "inf") else "")
+    if isinstance(value, float) and math.isnan(value):
+        return Text("nan", "red")
+    return Text(f"{value:.4g}")
