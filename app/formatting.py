@@ -16,11 +16,11 @@ def size(nbytes: int | float) -> str:
 
 
 def shape(dims: Iterable[int] | None) -> str:
-    """A tensor shape as '4096 × 1024' ('scalar' for a 0-d tensor, '-' when unknown)."""
+    """A tensor shape as '4096×1024' ('scalar' for a 0-d tensor, '-' when unknown)."""
     if dims is None:
         return "-"
     dims = tuple(dims)
-    return " × ".join(str(d) for d in dims) if dims else "scalar"
+    return "×".join(str(d) for d in dims) if dims else "scalar"
 
 
 def shard_shape(param: Param) -> str:
@@ -68,3 +68,12 @@ def duration(seconds: float) -> str:
         return f"{minutes} min {secs:02d} s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes:02d} min"
+
+
+def middle_truncate(text: str, width: int) -> str:
+    """Shorten `text` to `width` characters by eliding its middle (names differ at both ends)."""
+    if len(text) <= width:
+        return text
+    keep = width - 1
+    head = keep // 3
+    return text[:head] + "…" + text[len(text) - (keep - head):]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import multiprocessing.resource_tracker
 import os
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 from textual.app import App
 from textual.binding import Binding
@@ -36,6 +36,9 @@ class CkptExplorerApp(App[None]):
     ]
 
     def __init__(self, root: str) -> None:
+        # The executor's process pool needs the resource tracker started while sys.stderr is still a real file:
+        # once Textual runs, its stderr stand-in has no file descriptor ("bad value(s) in fds_to_keep").
+        multiprocessing.resource_tracker.ensure_running()
         super().__init__()
         self.root = os.path.abspath(root)
         self.checkpoints: dict[str, Checkpoint] = {}

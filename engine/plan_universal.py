@@ -19,10 +19,15 @@ def universal_tag(ckpt: Checkpoint, target: Target) -> str:
 
 
 def _param_item(ckpt: Checkpoint, p: Param, tag: str, uc: dict, autotp: bool) -> PlanItem:
-    spec = param_spec(ckpt, p.name)
+    spec = param_spec(ckpt, p.name, deepspeed_compat=True)
     base = f"{tag}/zero/{p.name}"
     flags = list(p.flags)
     states = [s for s in UNIVERSAL_STATES if any(f.state == s for f in p.fragments)]
+    fp32_from_weight = False
+    if "fp32" not in states and states and any(f.state == "weight" and f.tensor.dtype == "float32"
+                                               for f in p.fragments):
+        states.insert(0, "fp32")  # ZeRO-0 fp32: the module weights are the fp32 master weights
+        fp32_from_weight = True
     if p.tied_to is not None or p.frozen or not states:
         states = ["fp32"]
         source_state = "weight" if any(f.state == "weight" for f in p.fragments) else "fp32"
@@ -33,6 +38,7 @@ def _param_item(ckpt: Checkpoint, p: Param, tag: str, uc: dict, autotp: bool) ->
     if spec.rule == TpRule.UNKNOWN:
         flags.append("unknown name under tp>1: concatenated on dim 0 (DeepSpeed's default); --strict refuses")
     read = sum(fragment_bytes(p, s) for s in (states if source_state is None else [source_state]))
+    read += fragment_bytes(p, "weight") if fp32_from_weight else 0
     elem = p.numel
     write = elem * 4 * len(states)
     has_step = any(f.state == "step" for f in p.fragments) or p.name in (ckpt.meta.get("int_steps") or {})
@@ -44,7 +50,7 @@ def _param_item(ckpt: Checkpoint, p: Param, tag: str, uc: dict, autotp: bool) ->
         peak_bytes=3 * _numel(padded) * 4, flags=tuple(flags),
         args={"states": tuple(states), "source_state": source_state, "true_vocab": ckpt.meta.get("original_vocab_size"),
               "cat_dim": not autotp, "step": has_step and not source_state,
-              "int_step": (ckpt.meta.get("int_steps") or {}).get(p.name)},
+              "int_step": (ckpt.meta.get("int_steps") or {}).get(p.name), "fp32_from_weight": fp32_from_weight},
     )
 
 

@@ -158,8 +158,11 @@ def dequantize(q: torch.Tensor, multipliers: torch.Tensor, *, groups: int | None
         if size == 0 or -(-n // size) != pieces or (groups is None and n % pieces):
             raise ValueError(f"{pieces} multipliers per part do not fit a {tuple(chunk.shape)} part"
                              + ("" if groups else " (pass groups=)"))
-        idx = torch.arange(n) // size
-        out.append((chunk.float().reshape(-1) * per_part[p][idx]).reshape(chunk.shape))
+        flat, full = chunk.float().reshape(-1), (n // size) * size
+        back = [flat[:full].view(-1, size) * per_part[p][: n // size].unsqueeze(1)]
+        if full < n:
+            back.append(flat[full:].view(1, -1) * per_part[p][-1])
+        out.append(torch.cat([b.reshape(-1) for b in back]).reshape(chunk.shape))
     return torch.cat(out, dim=merge_dim)
 
 

@@ -16,7 +16,7 @@ _EOCD64_LOC_SIG = b"PK\x06\x07"
 _EOCD64_SIG = b"PK\x06\x06"
 _CDIR_SIG = b"PK\x01\x02"
 _LOCAL_SIG = b"PK\x03\x04"
-_TAIL = 1 << 16
+_TAIL = 4096  # the end record sits at the very end (torch writes no zip comment); the directory is read separately if larger
 
 
 @dataclass(frozen=True)

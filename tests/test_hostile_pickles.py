@@ -128,7 +128,7 @@ def payloads(marker: Path) -> dict[str, tuple[bytes, str | None]]:
         "STACK_GLOBAL": (P4(U("os") + U("system") + b"\x93" + T(U(cmd)) + b"R"), "os.system"),
         "STACK_GLOBAL on non-strings": (P4(I(1) + I(2) + b"\x93"), None),
         "copyreg._reconstructor with a hostile class": (
-            P2(call(G("copyreg", "_reconstructor"), G("subprocess", "Popen"), G("builtins", "object"),
+            P2(call(G("copyreg", "_reconstructor"), G("subprocess", "Popen"), G("subprocess", "Popen"),
                     L(U("touch"), U(str(marker))))), "subprocess.Popen"),
         "copy_reg._reconstructor with a non-class": (
             P2(call(G("copy_reg", "_reconstructor"), G("torch", "Size"), G("builtins", "object"), U(cmd))), None),

@@ -1,4 +1,4 @@
-"""DCP / Megatron-Core torch_dist reader on the real megatron-core 0.16.1 checkpoint, plus a real single-process DCP save.
+"""DCP / Megatron-Core torch_dist reader on the real megatron-core 0.16.1 checkpoint and a real one-process DCP save.
 
 `torch.load` is used ONLY on the trusted oracle `reference.pt`; `torch.distributed.checkpoint.save` writes the plain
 DCP case with the real library (a tmp_path checkpoint, not an imitation).
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -120,3 +122,18 @@ def test_corrupt_metadata_names_the_file(tmp_path: Path):
     with pytest.raises(CheckpointError) as info:
         read_checkpoint(run.iterations[0])
     assert str(bad) in str(info.value) and "\n" not in str(info.value)
+
+
+def _reads_without_torch(path: Path) -> None:
+    """Reading metadata must not import torch (run in a fresh interpreter)."""
+    code = (
+        "import sys; from engine.discover import discover, read_checkpoint\n"
+        f"for run in discover({str(path)!r}):\n"
+        "    [read_checkpoint(it) for it in run.iterations]\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+def test_metadata_read_does_not_import_torch():
+    _reads_without_torch(CASE)

@@ -54,13 +54,13 @@ class BrowseScreen(ExplorerScreen):
         self._auto_opened = False
 
     def compose(self) -> ComposeResult:
-        yield Header()
+        yield Header(icon="◆")
         with Horizontal(id="browse"):
             yield RunTree(self.root, id="run-tree")
             with Vertical(id="browse-right"):
                 yield LayoutPanel(id="layout-panel")
                 yield ParamBrowser(id="param-browser")
-                yield ParamDetails(id="param-details")
+        yield ParamDetails(id="param-details")
         yield Static("", id="scan-status")
         yield Footer()
 

@@ -80,8 +80,9 @@ class ConfirmConvertModal(ModalScreen[ConvertRequest | None]):
             return
         needed = self.plan.disk_needed
         exists = os.path.isdir(dst) and bool(os.listdir(dst))
+        enough = free >= needed
         text = Text.assemble(f"free {size(free)}, needs {size(needed)} ",
-                             ("✓" if free >= needed else "✗ not enough space", "green" if free >= needed else "bold red"))
+                             ("✓" if enough else "✗ not enough space", "green" if enough else "bold red"))
         if exists:
             text.append("  · exists and is not empty: tick overwrite (or resume)", "yellow")
         self.query_one("#confirm-disk", Static).update(text)

@@ -54,7 +54,7 @@ class ConvertScreen(ExplorerScreen):
         self._item_worker: dict[str, int] = {}
 
     def compose(self) -> ComposeResult:
-        yield Header()
+        yield Header(icon="◆")
         with Vertical(id="convert"):
             yield Label(
                 Text.assemble((self.plan.target.describe(), "bold"), "  ",
@@ -78,7 +78,7 @@ class ConvertScreen(ExplorerScreen):
 
     # --- the run -------------------------------------------------------------------------------------------------
 
-    @work(thread=True, exclusive=True, group="convert", exit_on_error=False, description="Converting")
+    @work(thread=True, exclusive=True, group="convert", exit_on_error=False, description="The conversion")
     def run_conversion(self) -> None:
         def on_event(event: ProgressEvent) -> None:
             self.post_message(ExecProgress(event, time.monotonic()))

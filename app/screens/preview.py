@@ -14,7 +14,7 @@ from engine.plan import Plan, Target, plan_conversion
 
 from ..formatting import rel_path
 from ..messages import PlanFailed, PlanReady
-from ..targets import DEFAULT_MAX_SHARD, default_destination, free_disk, make_target
+from ..targets import DEFAULT_MAX_SHARD, default_destination, make_target
 from ..widgets.plan_view import PlanView
 from .base import ExplorerScreen
 from .error_modal import one_line_cause
@@ -22,9 +22,9 @@ from .error_modal import one_line_cause
 KINDS = ("universal", "safetensors", "torch", "reshard")
 KIND_LABELS = {
     "universal": "DeepSpeed universal",
-    "safetensors": "consolidated safetensors",
-    "torch": "consolidated torch (.bin)",
-    "reshard": "reshard to tp / pp",
+    "safetensors": "safetensors (HF)",
+    "torch": "torch .bin (HF)",
+    "reshard": "reshard tp / pp",
 }
 DTYPE_OPTIONS = [("float32 master weights", "float32"), ("bfloat16", "bfloat16"), ("float16", "float16")]
 QUANT_OPTIONS = [("none", "none"), ("int8 (grouped)", "int8")]
@@ -56,7 +56,7 @@ class PreviewScreen(ExplorerScreen):
 
     def compose(self) -> ComposeResult:
         deg = self.checkpoint.degrees
-        yield Header()
+        yield Header(icon="◆")
         with Horizontal(id="preview"):
             with VerticalScroll(id="target-form"):
                 yield Label("Target", classes="form-label")
@@ -75,7 +75,7 @@ class PreviewScreen(ExplorerScreen):
                     yield Input("64", type="integer", id="field-groups", compact=True)
                 yield Label("max shard size", classes="form-label", id="label-max-shard")
                 yield Input(DEFAULT_MAX_SHARD, id="field-max-shard", compact=True)
-                yield Checkbox("strict (refuse flagged parameters)", id="field-strict", compact=True)
+                yield Checkbox("strict: refuse flagged", id="field-strict", compact=True)
             yield PlanView(self.root, id="plan-view")
         yield Footer()
 
@@ -131,7 +131,7 @@ class PreviewScreen(ExplorerScreen):
         self.query_one(PlanView).show_pending()
         self.compute_plan(target)
 
-    @work(thread=True, exclusive=True, group="plan", exit_on_error=False, description="Planning the conversion")
+    @work(thread=True, exclusive=True, group="plan", exit_on_error=False, description="Planning")
     def compute_plan(self, target: Target) -> None:
         try:
             plan = plan_conversion(self.checkpoint, target)

@@ -29,17 +29,17 @@ def layout_renderable(ckpt: Checkpoint, root: str) -> RenderableType:
     head = Text.assemble(
         (rel_path(ckpt.path, root), "bold"),
         ("  ★ latest" if ckpt.latest else "", "bold green"),
-        f"   {ckpt.format} · ",
+    )
+    facts = Text.assemble(
+        f"{ckpt.format} · ",
         (degrees_text(ckpt), "bold cyan"),
         f" · {zero_text(ckpt)} · {ckpt.dtype or 'dtype unknown'}",
+        f" · {len(ckpt.params)} params {size(ckpt.param_bytes)} in {len(ckpt.files)} files {size(ckpt.total_bytes)}",
+        no_wrap=True, overflow="ellipsis",
     )
     states = ", ".join(ckpt.optimizer_states) or "none"
-    second = Text.assemble(
-        (f"optimizer {ckpt.optimizer or 'none'}", "dim"),
-        (f" · states {states}", "dim"),
-        f"\n{len(ckpt.files)} files {size(ckpt.total_bytes)} · {len(ckpt.params)} params {size(ckpt.param_bytes)}",
-    )
-    parts: list[RenderableType] = [head, second, rank_grid(ckpt)]
+    second = Text(f"optimizer {ckpt.optimizer or 'none'}: {states}", "dim", no_wrap=True, overflow="ellipsis")
+    parts: list[RenderableType] = [head, facts, second, rank_grid(ckpt)]
     for warning in ckpt.warnings:
         parts.append(Text(f"⚠ {warning}", "yellow"))
     return Group(*parts)

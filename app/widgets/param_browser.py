@@ -14,15 +14,15 @@ from textual.widgets import DataTable, Input
 
 from engine import Checkpoint, Param
 
-from ..formatting import shape, shard_shape, size
+from ..formatting import middle_truncate, shape, shard_shape, size
 
-NAME_WIDTH = 46
+MIN_NAME_WIDTH = 16
 
 # column key -> (label, sort key); "order" is the checkpoint's own order
 COLUMNS: dict[str, tuple[str, object]] = {
     "name": ("name", lambda p: p.name),
-    "shape": ("global shape", lambda p: (prod(p.shape), p.shape)),
-    "shard": ("shard shape", lambda p: prod(p.shards[0].shape) if p.shards else prod(p.shape)),
+    "shape": ("shape", lambda p: (prod(p.shape), p.shape)),
+    "shard": ("per rank", lambda p: prod(p.shards[0].shape) if p.shards else prod(p.shape)),
     "rule": ("rule", lambda p: p.rule),
     "dtype": ("dtype", lambda p: p.dtype),
     "size": ("size", lambda p: p.nbytes),
@@ -76,25 +76,29 @@ class ParamBrowser(Vertical):
         table = self.table
         current = self.current_param()
         table.clear(columns=True)
-        arrow = " ▼" if self.sort_reverse else " ▲"
-        for key, (label, _) in COLUMNS.items():
-            width = NAME_WIDTH if key == "name" else None
-            table.add_column(label + (arrow if key == self.sort_key else ""), key=key, width=width)
         rows = self.visible_params()
-        for p in rows:
-            flagged = bool(p.flags)
-            table.add_row(
-                Text(_middle_truncate(p.name, NAME_WIDTH), "yellow" if flagged else ""),
-                shape(p.shape),
-                shard_shape(p),
-                Text(p.rule, "yellow" if flagged else ""),
-                p.dtype,
-                Text(size(p.nbytes), justify="right"),
-                key=p.name,
-            )
+        cells = [(p.name, shape(p.shape), shard_shape(p), p.rule, p.dtype, size(p.nbytes)) for p in rows]
+        widths = self._column_widths(cells)
+        arrow = " ▼" if self.sort_reverse else " ▲"
+        for (key, (label, _)), width in zip(COLUMNS.items(), widths):
+            sorted_here = key == self.sort_key
+            table.add_column(label + (arrow if sorted_here else ""), key=key, width=width + (2 if sorted_here else 0))
+        name_width = widths[0]
+        for p, (name, global_shape, local, rule, dtype, nbytes) in zip(rows, cells):
+            style = "yellow" if p.flags else ""
+            table.add_row(Text(middle_truncate(name, name_width), style), global_shape, local, Text(rule, style),
+                          dtype, Text(nbytes, justify="right"), key=p.name)
         if current is not None and current.name in {p.name for p in rows}:
             table.move_cursor(row=table.get_row_index(current.name), animate=False)
         self.post_message(self.Highlighted(self.current_param()))
+
+    def _column_widths(self, cells: list[tuple[str, ...]]) -> list[int]:
+        """Fixed widths from the content; the name gets what the others leave (names are shortened in the middle)."""
+        labels = [label for label, _ in COLUMNS.values()]
+        widths = [max([len(label)] + [len(row[i]) for row in cells]) for i, label in enumerate(labels)]
+        available = (self.size.width or 86) - 2 - sum(widths[1:]) - 2 * len(labels) - 2
+        widths[0] = max(MIN_NAME_WIDTH, min(widths[0], available))
+        return widths
 
     def current_param(self) -> Param | None:
         table = self.table
@@ -140,10 +144,3 @@ class ParamBrowser(Vertical):
             self.sort_key, self.sort_reverse = key, key == "size"
         self.refresh_rows()
 
-
-def _middle_truncate(text: str, width: int) -> str:
-    if len(text) <= width:
-        return text
-    keep = width - 1
-    head = keep // 3
-    return text[:head] + "…" + text[len(text) - (keep - head):]

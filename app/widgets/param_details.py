@@ -28,8 +28,8 @@ class ParamDetails(Vertical):
         yield Static("Select an iteration in the tree, then a parameter.", id="param-summary")
         yield Static("", id="param-stats")
         table: DataTable[object] = DataTable(id="fragment-table", cursor_type="row", zebra_stripes=True)
-        for key, label in (("rank", "tp/pp/dp"), ("file", "file"), ("state", "state"), ("offset", "offset"),
-                           ("numel", "numel"), ("dst", "at element")):
+        for key, label in (("rank", "tp/pp/dp"), ("file", "file"), ("states", "states"), ("offset", "offset"),
+                           ("numel", "numel"), ("dst", "→ local element")):
             table.add_column(label, key=key)
         yield table
 
@@ -44,14 +44,14 @@ class ParamDetails(Vertical):
             self.query_one("#param-summary", Static).update(Text("No parameter matches the filter.", "dim"))
             return
         self.query_one("#param-summary", Static).update(summary(param))
-        for frag in param.fragments:
+        for (tp, pp, dp, file, start, numel, dst), states in group_fragments(param).items():
             table.add_row(
-                f"{frag.tp}/{frag.pp}/{frag.dp}",
-                os.path.basename(frag.tensor.file),
-                frag.state,
-                Text(f"{frag.src_start:,}", justify="right"),
-                Text(f"{frag.numel:,}", justify="right"),
-                Text(f"{frag.dst_start:,}", justify="right"),
+                f"{tp}/{pp}/{dp}",
+                os.path.basename(file),
+                " ".join(states),
+                Text(f"{start:,}", justify="right"),
+                Text(f"{numel:,}", justify="right"),
+                Text(f"{dst:,}", justify="right"),
             )
 
     def show_pending_stats(self, param_name: str) -> None:
@@ -61,6 +61,15 @@ class ParamDetails(Vertical):
         if self.param is None or self.param.name != param_name:
             return
         self.query_one("#param-stats", Static).update(stats_renderable(stats))
+
+
+def group_fragments(param: Param) -> dict[tuple[int, int, int, str, int, int, int], list[str]]:
+    """Fragments at the same place of the same file (fp32, exp_avg, exp_avg_sq usually are) share one row."""
+    rows: dict[tuple[int, int, int, str, int, int, int], list[str]] = {}
+    for f in param.fragments:
+        key = (f.tp, f.pp, f.dp, f.tensor.file, f.src_start, f.numel, f.dst_start)
+        rows.setdefault(key, []).append(f.state)
+    return rows
 
 
 def summary(param: Param) -> Group:
@@ -78,7 +87,8 @@ def summary(param: Param) -> Group:
         extras.append(f"tied to {param.tied_to}")
     if param.frozen:
         extras.append("frozen")
-    extras.append(f"states {', '.join(param.states) or 'none'} · {len(param.fragments)} fragments")
+    extras.append(f"states {', '.join(param.states) or 'none'} · {len(param.fragments)} fragments in "
+                  f"{len({f.tensor.file for f in param.fragments})} files")
     parts = [facts, line, Text(" · ".join(extras), "dim")]
     parts += [Text(f"⚠ {flag}", "yellow") for flag in param.flags]
     return Group(*parts)
@@ -88,10 +98,10 @@ def stats_renderable(stats: object) -> Table:
     """A one-row table of whatever a ParamStats holds (engine or interim version alike)."""
     table = Table(box=None, padding=(0, 2, 0, 0), show_edge=False, header_style="bold", title_justify="left")
     names = ("min", "max", "mean", "std", "norm", "nan", "inf")
-    table.add_column("of")
+    table.add_column("statistics")
     for name in names:
         table.add_column(name, justify="right")
-    row = [f"{getattr(stats, 'state', '?')} ({getattr(stats, 'numel', 0):,})"]
+    row = [f"{getattr(stats, 'state', '?')} · {getattr(stats, 'numel', 0):,} values"]
     for name in names:
         value = getattr(stats, name, None)
         row.append(_number(value, name))

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from rich.console import Group, RenderableType
 from rich.text import Text
+from textual import on
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 
-from engine.plan import Plan
+from engine.plan import Plan, PlanItem
 
-from ..formatting import rel_path, shape, size
+from ..formatting import middle_truncate, rel_path, shape, size
 
-NAME_WIDTH = 40
+MIN_NAME_WIDTH = 16
+KIND_LABELS = {"copy": "copy file", "write_file": "write file", "universal_optimizer_state": "optimizer state"}
 
 
 class PlanView(Vertical):
@@ -28,6 +30,7 @@ class PlanView(Vertical):
         yield Static("Planning…", id="plan-summary")
         table: DataTable[object] = DataTable(id="plan-table", cursor_type="row", zebra_stripes=True)
         yield table
+        yield Static("", id="plan-item")
 
     def show_plan(self, plan: Plan, destination: str, free: int) -> None:
         self.plan = plan
@@ -37,64 +40,82 @@ class PlanView(Vertical):
     def show_failure(self, cause: str) -> None:
         self.plan = None
         self.query_one("#plan-summary", Static).update(Text.assemble(("Cannot plan this target: ", "bold red"), cause))
-        table = self.query_one("#plan-table", DataTable)
-        table.clear(columns=True)
+        self.query_one("#plan-table", DataTable).clear(columns=True)
+        self.query_one("#plan-item", Static).update("")
 
     def show_pending(self) -> None:
-        summary = self.query_one("#plan-summary", Static)
         if self.plan is None:
-            summary.update(Text("Planning…", "dim"))
+            self.query_one("#plan-summary", Static).update(Text("Planning…", "dim"))
 
     def toggle_flagged(self) -> None:
         self.flagged_only = not self.flagged_only
         self._fill()
 
+    def _items(self) -> tuple[PlanItem, ...]:
+        items = self.plan.all_items if self.plan is not None else ()
+        return tuple(i for i in items if i.flags) if self.flagged_only else items
+
     def _fill(self) -> None:
         table = self.query_one("#plan-table", DataTable)
         table.clear(columns=True)
-        plan = self.plan
-        if plan is None:
+        if self.plan is None:
             return
-        for key, label in (("name", "item"), ("rule", "rule"), ("shapes", "new shape per rank"),
-                           ("read", "read"), ("write", "write"), ("flags", "flags")):
-            table.add_column(label, key=key, width=NAME_WIDTH if key == "name" else None)
-        items = plan.all_items
-        if self.flagged_only:
-            items = tuple(i for i in items if i.flags)
-        for item in items:
-            flagged = bool(item.flags)
+        items = self._items()
+        cells = [(i.name, i.rule or KIND_LABELS.get(i.kind, i.kind), _shapes(i.target_shapes), size(i.read_bytes),
+                  size(i.write_bytes)) for i in items]
+        labels = ("item", "rule", "shape per rank", "read", "write")
+        widths = [max([len(label)] + [len(row[k]) for row in cells]) for k, label in enumerate(labels)]
+        name_width = max(MIN_NAME_WIDTH, min(widths[0], (self.size.width or 80) - 2 - sum(widths[1:]) - 2 * 5))
+        for key, label, width in zip(("name", "rule", "shapes", "read", "write"), labels, [name_width, *widths[1:]]):
+            table.add_column(label, key=key, width=width)
+        for item, (name, rule, shapes, read, write) in zip(items, cells):
+            style = "yellow" if item.flags else ""
             table.add_row(
-                Text(_truncate(item.name, NAME_WIDTH), "yellow" if flagged else ""),
-                Text(item.rule or item.kind, "yellow" if flagged else "dim" if not item.rule else ""),
-                _shapes(item.target_shapes),
-                Text(size(item.read_bytes), justify="right"),
-                Text(size(item.write_bytes), justify="right"),
-                Text(f"⚠ {item.flags[-1]}" if flagged else "", "yellow"),
+                Text(middle_truncate(name, name_width), style),
+                Text(rule, style or ("" if item.rule else "dim")),
+                shapes,
+                Text(read, justify="right"),
+                Text(write, justify="right"),
                 key=item.id,
             )
+        self._show_item(items[0] if items else None)
+
+    @on(DataTable.RowHighlighted, "#plan-table")
+    def _row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        key = event.row_key.value
+        self._show_item(next((i for i in self._items() if i.id == key), None))
+
+    def _show_item(self, item: PlanItem | None) -> None:
+        detail = self.query_one("#plan-item", Static)
+        if item is None:
+            detail.update(Text("Nothing flagged." if self.flagged_only else "", "dim"))
+            return
+        lines = [Text.assemble((item.name, "bold"), (f"  → {', '.join(item.outputs[:3])}", "dim"),
+                               (f" (+{len(item.outputs) - 3} more)" if len(item.outputs) > 3 else "", "dim"),
+                               no_wrap=True, overflow="ellipsis")]
+        lines += [Text(f"⚠ {flag}", "yellow", no_wrap=True, overflow="ellipsis") for flag in item.flags]
+        if not item.flags:
+            lines.append(Text("no flags", "dim"))
+        detail.update(Group(*lines))
 
 
 def plan_summary(p: Plan, destination: str, free: int, root: str) -> RenderableType:
     flagged = len(p.flagged)
-    head = Text.assemble(
-        (p.target.describe(), "bold"),
-        ("   from ", "dim"), p.source_degrees or p.source_format,
-        ("  →  ", "dim"), p.target_degrees or p.target.kind,
-    )
-    totals = Text.assemble(
-        f"{len(p.all_items)} items · ",
-        (f"{flagged} flagged", "bold yellow" if flagged else "green"),
-        f" · read {size(p.read_bytes)} · write {size(p.write_bytes)}",
-        f" · peak memory per worker ≈ {size(p.peak_memory)}",
-    )
     needed = p.disk_needed
     enough = free >= needed
-    disk = Text.assemble(
-        ("destination ", "dim"), rel_path(destination, root),
-        f" · free {size(free)}, needs {size(needed)} ",
-        ("✓" if enough else "✗ not enough space", "green" if enough else "bold red"),
-    )
-    parts: list[RenderableType] = [head, totals, disk]
+    line = {"no_wrap": True, "overflow": "ellipsis"}
+    parts: list[RenderableType] = [
+        Text(p.target.describe(), "bold", **line),
+        Text(f"{p.source_degrees or p.source_format}  →  {p.target_degrees or p.target.kind}", "dim", **line),
+        Text.assemble(
+            f"{len(p.all_items)} items · ", (f"{flagged} flagged", "bold yellow" if flagged else "green"),
+            f" · read {size(p.read_bytes)} · write {size(p.write_bytes)} · peak memory ≈ {size(p.peak_memory)}"
+            " per worker", **line,
+        ),
+        Text.assemble(("to ", "dim"), rel_path(destination, root), **line),
+        Text.assemble(f"free {size(free)} there, needs {size(needed)} ",
+                      ("✓" if enough else "✗ not enough space", "green" if enough else "bold red"), **line),
+    ]
     parts += [Text(f"⚠ {w}", "yellow") for w in p.warnings]
     return Group(*parts)
 
@@ -106,6 +127,3 @@ def _shapes(shapes: tuple[tuple[int, ...], ...]) -> str:
     text = " | ".join(shape(s) for s in distinct)
     return f"{len(shapes)} × {text}" if len(shapes) > 1 and len(distinct) == 1 else text
 
-
-def _truncate(text: str, width: int) -> str:
-    return text if len(text) <= width else "…" + text[len(text) - width + 1:]

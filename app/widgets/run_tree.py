@@ -32,10 +32,7 @@ class RunTree(Tree[NodeData]):
         """Append runs (in scan order) with their iterations, newest first."""
         for run in runs:
             self._run_count += 1
-            label = Text.assemble(
-                (rel_path(run.root, self.root_path), "bold"),
-                (f"  {run.format} · {len(run.iterations)} iter", "dim"),
-            )
+            label = Text(rel_path(run.root, self.root_path), "bold")
             node = self.root.add(label, data=run, expand=self._run_count <= AUTO_EXPAND_RUNS)
             for ref in sorted(run.iterations, key=_newest_first):
                 label = Text(ref.tag)

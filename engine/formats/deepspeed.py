@@ -254,12 +254,14 @@ class _DeepSpeedReader:
                 tp = max(len(tf.mp_models), 1)
         if pp is None:
             pp = max(mp_world // tp, 1) if tf.layers else 1
+        recorded = int(m0.get("dp_world_size") or 1)
         if zero3:
-            dp = len({d for (d, _) in tf.z3_models})
+            dp = max(d for (d, _) in tf.z3_models) + 1
         elif tf.optims:
-            dp = len({d for (d, _) in tf.optims})
+            dp = max(d for (d, _) in tf.optims) + 1
         else:
-            dp = int(m0.get("dp_world_size") or 1)
+            dp = recorded
+        dp = max(dp, recorded)  # a missing last rank must show up as missing, not as a smaller dp
         return int(tp), int(pp), int(dp)
 
     def _stage(self, osd0: Any, zero3: bool) -> tuple[int, str]:
@@ -628,9 +630,15 @@ def megatron_hints(args: Any, checkpoint_version: Any) -> dict[str, Any] | None:
             "num_heads": heads, "num_groups": groups}
 
 
-def param_spec(ckpt: Checkpoint, name: str) -> TpSpec:
-    """The TP rule of one parameter of a DeepSpeed checkpoint (the same the reader used for its shape)."""
+def param_spec(ckpt: Checkpoint, name: str, *, deepspeed_compat: bool = False) -> TpSpec:
+    """The TP rule of one parameter of a DeepSpeed checkpoint (the same the reader used for its shape).
+
+    `deepspeed_compat`: exactly what `ds_to_universal` does (at tp=1 it applies no Megatron name rule, so
+    every parameter gets `cat_dim` 0), for outputs that must match DeepSpeed's byte for byte.
+    """
     hints = megatron_hints(ckpt.meta.get("args"), ckpt.meta.get("checkpoint_version"))
+    if deepspeed_compat and ckpt.degrees.tp == 1:
+        hints = None
     return classify_deepspeed(name, ckpt.meta.get("universal_checkpoint_info") or {}, ckpt.degrees.tp, megatron=hints)
 
 

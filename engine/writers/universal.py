@@ -39,6 +39,8 @@ def write_universal_param(item: PlanItem, root: str, report: Any = None) -> int:
     true_vocab = item.args.get("true_vocab")
     for state, rel in zip(item.args["states"], item.outputs):
         src = source_state or state
+        if state == "fp32" and item.args.get("fp32_from_weight"):
+            src = "weight"
         tensor = assemble_state(p, item.spec, src, true_vocab=true_vocab)
         if tensor.dtype != torch.float32:
             tensor = tensor.float()
