@@ -533,20 +533,24 @@ LIVE = ("os.system", "posix.system", "builtins.eval", "__builtin__.exec", "reduc
 
 
 def test_payloads_are_live_under_plain_pickle(tmp_path: Path) -> None:
-    """Guards the tests above: the same bytes fed to the stock unpickler really create the marker (run in a
-    child process, with torch's persistent ids answered by a dummy)."""
+    """Guards the tests above: the same bytes fed to the stock unpickler really create their markers (in one child
+    process, with torch's persistent ids answered by a dummy)."""
     mods = tmp_path / "mods"
     mods.mkdir()
-    for name in LIVE:
-        marker = tmp_path / f"M_{LIVE.index(name)}"
-        (mods / "evil_ckpt_module.py").write_text(f"open({str(marker)!r}, 'w').close()\nboom = print\n")
-        pkl, _ = payloads(marker)[name]
-        src = tmp_path / "p.pkl"
-        src.write_bytes(pkl)
-        code = ("import pickle, sys, time\n"
-                f"sys.path.insert(0, {str(mods)!r})\n"
-                "class U(pickle.Unpickler):\n    def persistent_load(self, pid):\n        return pid\n"
-                f"try:\n    U(open({str(src)!r}, 'rb')).load()\nexcept Exception:\n    pass\n"
-                "time.sleep(0.2)\n")
-        subprocess.run([sys.executable, "-c", code], timeout=60, capture_output=True)
+    import_marker = tmp_path / "M_import"
+    (mods / "evil_ckpt_module.py").write_text(f"open({str(import_marker)!r}, 'w').close()\nboom = print\n")
+    files = []
+    for i, name in enumerate(LIVE):
+        marker = import_marker if name == "importing a module" else tmp_path / f"M_{i}"
+        src = tmp_path / f"p{i}.pkl"
+        src.write_bytes(payloads(marker)[name][0])
+        files.append((name, src, marker))
+    code = ("import pickle, sys, time\n"
+            f"sys.path.insert(0, {str(mods)!r})\n"
+            "class U(pickle.Unpickler):\n    def persistent_load(self, pid):\n        return pid\n"
+            f"for f in {[str(src) for _, src, _ in files]!r}:\n"
+            "    try:\n        U(open(f, 'rb')).load()\n    except Exception:\n        pass\n"
+            "time.sleep(0.5)\n")
+    subprocess.run([sys.executable, "-c", code], timeout=60, capture_output=True)
+    for name, _, marker in files:
         assert marker.exists(), f"payload {name!r} is not live: the test proves nothing"
