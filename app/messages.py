@@ -17,14 +17,14 @@ if TYPE_CHECKING:
 
 
 @dataclass
-class RunsFound(Message):
+class RunsFound(Message, bubble=False):
     """A batch of runs the root scan found (posted about every 0.1 s, the first one at once)."""
 
     runs: list[Run]
 
 
 @dataclass
-class ScanFinished(Message):
+class ScanFinished(Message, bubble=False):
     """The root scan walked everything; `count` runs in all."""
 
     count: int
@@ -32,7 +32,7 @@ class ScanFinished(Message):
 
 
 @dataclass
-class CheckpointLoaded(Message):
+class CheckpointLoaded(Message, bubble=False):
     """An iteration's metadata was read."""
 
     ref: IterationRef
@@ -40,7 +40,7 @@ class CheckpointLoaded(Message):
 
 
 @dataclass
-class StatsComputed(Message):
+class StatsComputed(Message, bubble=False):
     """Statistics of one parameter, computed off the UI thread."""
 
     checkpoint_path: str
@@ -49,21 +49,21 @@ class StatsComputed(Message):
 
 
 @dataclass
-class PlanReady(Message):
+class PlanReady(Message, bubble=False):
     """The engine planned a conversion (the same Plan object the executor will run)."""
 
     plan: Plan
 
 
 @dataclass
-class PlanFailed(Message):
+class PlanFailed(Message, bubble=False):
     """The target cannot be planned; `cause` is the engine's one-line reason."""
 
     cause: str
 
 
 @dataclass
-class ExecProgress(Message):
+class ExecProgress(Message, bubble=False):
     """One engine progress event. A backlog of ITEM_PROGRESS from one worker collapses to the newest."""
 
     event: ProgressEvent
@@ -79,7 +79,7 @@ class ExecProgress(Message):
 
 
 @dataclass
-class ExecFinished(Message):
+class ExecFinished(Message, bubble=False):
     """`execute_plan` returned (its ExecResult) or stopped on request."""
 
     result: ExecResult | None  # None when cancelled

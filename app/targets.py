@@ -41,9 +41,7 @@ def make_target(kind: str, *, dtype: str | None, tp: str, pp: str, quantize: str
     if kind == "universal":
         return Target("universal", strict=strict)
     if kind in ("safetensors", "torch"):
-        return Target(kind, dtype=dtype, quantize=quantize if kind == "safetensors" else None,
-                      groups=parse_degree(groups, "groups") or 64,
-                      max_shard_size=parse_size(max_shard_size or DEFAULT_MAX_SHARD), strict=strict)
+        return Target(kind, dtype=dtype, max_shard_size=parse_size(max_shard_size or DEFAULT_MAX_SHARD), strict=strict)
     return Target("reshard", dtype=dtype, tp=parse_degree(tp, "tp"), pp=parse_degree(pp, "pp"), quantize=quantize,
                   groups=parse_degree(groups, "groups") or 64, strict=strict)
 

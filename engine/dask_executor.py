@@ -313,7 +313,7 @@ class DaskExecutor(ItemExecutor):
                     emit(ProgressEvent(EventKind.LOG, message=f"{item.name}: its Dask workers died; running it again"))
                     submit(item)
                 elif isinstance(exc, KilledWorker):
-                    failure = failure or CheckpointError(item.name, f"killed Dask workers {attempts[item.id]} times "
+                    failure = failure or CheckpointError(item.name, f"killed a Dask worker on each of its {attempts[item.id]} attempts "
                                                                     f"(out of memory? it needs about "
                                                                     f"{item.peak_bytes:,} bytes)")
                 else:

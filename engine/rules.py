@@ -138,7 +138,8 @@ class NameRule:
 # core = Megatron-Core (`decoder.layers.N.*`). Sources: formats/megatron-dcp-safety.md §1.3-1.6, deepspeed.md §5.2.
 _NORM = r"(layernorm|layer_norm|(^|\.)[a-z_]*norm\.(weight|bias)$)"
 MEGATRON_RULES: tuple[NameRule, ...] = (
-    NameRule(_NORM, TpRule.REPLICATED, family="both", note="every norm (incl. TE fused linear_*.layer_norm_*, q/k_layernorm)"),
+    NameRule(_NORM, TpRule.REPLICATED, family="both",
+             note="every norm (incl. TE fused linear_*.layer_norm_*, q/k_layernorm)"),
     NameRule(r"(^|\.)(self_)?attention\.query_key_value\.(weight|bias)$", TpRule.QKV, 0, family="legacy",
              note="fused QKV; row order by checkpoint_version (0: [3,np,hn], 1.0: [np,hn,3], 2.0/3.0: [np,3,hn])"),
     NameRule(r"(^|\.)linear_qkv\.(weight|bias)$", TpRule.QKV, 0, family="core",

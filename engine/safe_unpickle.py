@@ -286,7 +286,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         if qual in ("argparse.Namespace", "types.SimpleNamespace"):
             return S.standin_class(S.DataRecord, qual)
         if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "_reconstruct":
-            return S.standin_class(S.NumpyArray, "numpy.ndarray")
+            return S.standin_class(S.NumpyArray, f"{module}._reconstruct")
         if qual in _KNOWN_STANDINS:
             return _KNOWN_STANDINS[qual]
         if qual.startswith(_KNOWN_PREFIXES_ENUM):

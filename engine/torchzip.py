@@ -16,7 +16,8 @@ _EOCD64_LOC_SIG = b"PK\x06\x07"
 _EOCD64_SIG = b"PK\x06\x06"
 _CDIR_SIG = b"PK\x01\x02"
 _LOCAL_SIG = b"PK\x03\x04"
-_TAIL = 4096  # the end record sits at the very end (torch writes no zip comment); the directory is read separately if larger
+_TAIL = 4096  # the end record sits at the very end (torch writes no zip comment); a larger directory is read apart
+_SMALL = 16384  # files up to this size are read whole in one call (directory and pickle together)
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class TorchZip:
             if self.length == 0:
                 raise CheckpointError(self.path, "file is empty (0 bytes): not a torch checkpoint")
             raise CheckpointError(self.path, "file is too small to be a torch checkpoint (truncated?)")
-        tail_len = min(self.length, _TAIL)
+        tail_len = self.length if self.length <= _SMALL else _TAIL
         fh.seek(self.base + self.length - tail_len)
         tail = fh.read(tail_len)
         self.bytes_read += len(tail)
@@ -106,10 +107,15 @@ class TorchZip:
         self._parse_cdir(cdir, count)
 
     def _read_at(self, fh, offset: int, size: int) -> bytes:
-        """`size` bytes at zip offset `offset`, from the kept tail when it covers them."""
-        rel = offset - self._tail_start
-        if 0 <= rel and rel + size <= len(self._tail):
-            return self._tail[rel : rel + size]
+        """`size` bytes at zip offset `offset`; the part the kept tail covers is not read again."""
+        tail_start, tail = self._tail_start, self._tail
+        rel = offset - tail_start
+        if 0 <= rel and rel + size <= len(tail):
+            return tail[rel : rel + size]
+        end = offset + size
+        if offset < tail_start < end <= tail_start + len(tail):
+            head = self._read_at(fh, offset, tail_start - offset)
+            return head + tail[: end - tail_start] if len(head) == tail_start - offset else head
         fh.seek(self.base + offset)
         data = fh.read(size)
         self.bytes_read += len(data)

@@ -197,7 +197,8 @@ def test_expert_vs_pipeline_suffix_is_read_from_args(tmp_path) -> None:
     for ep in (0, 1):
         model = {**_layer(0), "decoder.layers.0.mlp.router.weight": torch.ones(4, 16)}
         for j in (0, 1):
-            model[f"decoder.layers.0.mlp.experts.local_experts.{j}.linear_fc1.weight"] = torch.full((32, 16), 2.0 * ep + j)
+            key = f"decoder.layers.0.mlp.experts.local_experts.{j}.linear_fc1.weight"
+            model[key] = torch.full((32, 16), 2.0 * ep + j)
         files[f"mp_rank_00_{ep:03d}"] = {"args": _ns(num_layers=1, expert_model_parallel_size=2),
                                          "checkpoint_version": 3.0, "iteration": 7, "model": model}
     _write(ep_root, files)
@@ -247,4 +248,23 @@ def test_virtual_pipeline_chunks_and_grouped_query(tmp_path) -> None:
         spec = spec_for(ckpt, p.name)
         assert spec.label == "qkv gqa 2/8"
         merged = _merged(ckpt, p)
-        assert merged[0, 0] == 10 * g and merged[-1, 0] == 10 * g + 1  # stage-major order within a chunk
+        assert merged[0, 0] == 10 * g and merged[-1, 0] == 10 * g + 1  # tp rank 0 rows first, then tp rank 1
+
+
+def test_uneven_pipeline_offsets(tmp_path) -> None:
+    """Synthetic: stage 0 holds 1 layer, stage 1 holds 3 (decoder_first_pipeline_num_layers=1)."""
+    def run(first: int) -> Checkpoint:
+        root = tmp_path / f"first{first}"
+        args = _ns(num_layers=4, pipeline_model_parallel_size=2, decoder_first_pipeline_num_layers=first)
+        stage1 = {k: v for i in range(3) for k, v in _layer(i).items()}
+        _write(root, {"mp_rank_00_000": {"args": args, "checkpoint_version": 3.0, "model": _layer(0)},
+                      "mp_rank_00_001": {"args": args, "checkpoint_version": 3.0, "model": stage1}})
+        return _read(str(root))
+
+    ckpt = run(1)
+    assert ckpt.warnings == ()
+    for g in range(4):
+        p = ckpt.param(f"decoder.layers.{g}.self_attention.linear_qkv.weight")
+        assert {s.pp for s in p.shards} == {0 if g == 0 else 1}
+        assert float(read_tensor(p.fragments[0].tensor)[0, 0]) == (0 if g == 0 else g - 1)
+    assert any("decoder_first_pipeline_num_layers=2" in w for w in run(2).warnings)

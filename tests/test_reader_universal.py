@@ -108,13 +108,17 @@ def test_lone_tag_dir_is_claimed():
     assert ckpt.zero_stage == 3 and ckpt.degrees.dp == 2
 
 
-def test_truncated_state_file_names_the_file(tmp_path: Path):
-    src = FIXTURES / "deepspeed-0.19.8" / "z1_fp32_ws2" / "expected" / "universal"
+@pytest.mark.parametrize("case, param", [
+    ("deepspeed-0.19.8/z1_fp32_ws2", "layers.0.weight"),  # few files: read in this thread
+    ("megatron-deepspeed/gpt_nopipe_tp2_pp1_dp2_bf16", "language_model.encoder.layers.2.mlp.dense_h_to_4h.weight"),
+])
+def test_truncated_state_file_names_the_file(tmp_path: Path, case: str, param: str):
+    src = FIXTURES / case / "expected" / "universal"
     dst = tmp_path / "universal"
     shutil.copytree(src, dst)
     for p in dst.rglob("*"):
         p.chmod(0o755 if p.is_dir() else 0o644)
-    bad = _tag_dir(dst) / "zero" / "layers.0.weight" / "exp_avg.pt"
+    bad = _tag_dir(dst) / "zero" / param / "exp_avg.pt"
     data = bad.read_bytes()
     bad.write_bytes(data[: len(data) // 2])
     (run,) = discover(str(dst))
@@ -142,3 +146,16 @@ def _reads_without_torch(path: Path) -> None:
 
 def test_metadata_read_does_not_import_torch():
     _reads_without_torch(FIXTURES / "megatron-deepspeed" / "gpt_pipe_tp2_pp2_dp1_bf16" / "expected" / "universal")
+
+
+def test_universal_copy_inside_a_deepspeed_root(tmp_path: Path):
+    """ds_to_universal writing into the training root: DeepSpeed keeps the root, the universal tag is its own run."""
+    case = FIXTURES / "deepspeed-0.19.8" / "z1_fp32_ws2"
+    root = tmp_path / "root"
+    shutil.copytree(case / "ckpt", root)
+    shutil.copytree(case / "expected" / "universal", root, dirs_exist_ok=True)
+    runs = {r.format: r for r in discover(str(root))}
+    assert runs[Format.UNIVERSAL].root == str(root / "global_step3_universal")
+    assert runs[Format.DEEPSPEED].root == str(root)
+    want = json.loads((case / "expected.json").read_text())["params"]
+    assert {p.name for p in read_checkpoint(runs[Format.UNIVERSAL].iterations[0]).params} == set(want)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
@@ -35,7 +35,7 @@ QKV_KEYS = {f"language_model.encoder.layers.{i}.self_attention.query_key_value.{
             for p in ("weight", "bias")}
 
 
-@lru_cache(maxsize=None)
+@cache
 def source(version: str, tp: int) -> tuple[tuple[dict[str, torch.Tensor], ...], float | None, int]:
     """The tp-rank module dicts of `tp{tp}`, the file's checkpoint_version (None when absent) and head count."""
     mods = []
@@ -48,7 +48,7 @@ def source(version: str, tp: int) -> tuple[tuple[dict[str, torch.Tensor], ...], 
     return tuple(mods), version_key, heads
 
 
-@lru_cache(maxsize=None)
+@cache
 def resharded(version: str, src: int, dst: int) -> tuple[dict[str, torch.Tensor], ...]:
     """Our `dst` rank modules from the `tp{src}` files: merges of consecutive ranks, or splits of each rank."""
     mods, ver, heads = source(version, src)
@@ -67,7 +67,7 @@ def resharded(version: str, src: int, dst: int) -> tuple[dict[str, torch.Tensor]
     return tuple(out)
 
 
-@lru_cache(maxsize=None)
+@cache
 def oracle(version: str, case: str, rank: int) -> dict:
     return torch.load(os.path.join(SDL, version, "oracle", case, f"rank{rank}.pt"), weights_only=False)
 

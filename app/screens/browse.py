@@ -44,7 +44,7 @@ class BrowseScreen(ExplorerScreen):
         Binding("s", "stats", "Stats", tooltip="Compute statistics of the highlighted parameter", id="browse.stats"),
         Binding("p", "preview", "Preview/convert", tooltip="Plan a conversion of this iteration", id="browse.preview"),
         Binding("r", "rescan", "Rescan", tooltip="Scan the root directory again", id="browse.rescan"),
-        Binding("escape", "leave_filter", "Back", show=False, id="browse.leave_filter"),
+        Binding("escape", "leave_filter", "Back", show=False, tooltip="Leave the filter box", id="browse.leave_filter"),
     ]
 
     def __init__(self, root: str) -> None:
@@ -95,7 +95,10 @@ class BrowseScreen(ExplorerScreen):
         self.query_one(RunTree).add_runs(message.runs)
         if not self._auto_opened and message.runs and message.runs[0].iterations:
             self._auto_opened = True
-            self.open_iteration(engine.pick_iteration(message.runs[0]))
+            ref = engine.pick_iteration(message.runs[0])
+            tree = self.query_one(RunTree)
+            tree.move_cursor(tree.node_for(ref))
+            self.open_iteration(ref)
 
     @on(ScanFinished)
     def _scan_finished(self, message: ScanFinished) -> None:
@@ -166,8 +169,7 @@ class BrowseScreen(ExplorerScreen):
             browser.table.focus()
 
     def action_sort_next(self) -> None:
-        key = self.query_one(ParamBrowser).cycle_sort()
-        self.notify(f"Parameters sorted by {key}", timeout=2)
+        self.query_one(ParamBrowser).cycle_sort()
 
     def action_sort_reverse(self) -> None:
         self.query_one(ParamBrowser).reverse_sort()

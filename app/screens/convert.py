@@ -129,8 +129,11 @@ class ConvertScreen(ExplorerScreen):
                 pane = self._pane(worker)
                 if pane is not None:
                     pane.finish()
+            name = (event.item or "").split(":", 1)[-1]
             if kind == EventKind.ITEM_SKIPPED:
-                log.write(f"skipped (already complete): {event.item}")
+                log.write(f"skipped, already complete: {name}")
+            else:
+                log.write(f"✓ {name} ({size(event.bytes_done)})")
         elif kind == EventKind.LOG:
             log.write(event.message)
         elif kind == EventKind.DONE:

@@ -31,7 +31,7 @@ QUANT_OPTIONS = [("none", "none"), ("int8 (grouped)", "int8")]
 # which form fields apply to which target kind
 FIELDS = {
     "universal": {"strict"},
-    "safetensors": {"dtype", "quantize", "groups", "max-shard", "strict"},
+    "safetensors": {"dtype", "max-shard", "strict"},
     "torch": {"dtype", "max-shard", "strict"},
     "reshard": {"dtype", "tp", "pp", "quantize", "groups", "strict"},
 }

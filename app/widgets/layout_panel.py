@@ -46,31 +46,34 @@ def layout_renderable(ckpt: Checkpoint, root: str) -> RenderableType:
 
 
 def rank_grid(ckpt: Checkpoint) -> Table:
-    """Rows are pipeline stages, columns tensor-parallel ranks; a cell sums that rank's files by role."""
-    cells: dict[tuple[int, int], list[RankFile]] = defaultdict(list)
-    shared: list[RankFile] = []
+    """Rows are pipeline stages, columns tensor-parallel ranks; a cell sums that rank's files by role.
+
+    Files that belong to no single stage (DeepSpeed pipeline `layer_XX` files) or no single TP rank get a row or
+    column of their own ("any pp" / "any tp").
+    """
+    cells: dict[tuple[int | None, int | None], list[RankFile]] = defaultdict(list)
     for f in ckpt.files:
-        if f.tp is None or f.pp is None:
-            shared.append(f)
-        else:
-            cells[(f.pp, f.tp)].append(f)
-    tps = sorted({tp for _, tp in cells}) or [0]
-    pps = sorted({pp for pp, _ in cells}) or [0]
+        cells[(f.pp, f.tp)].append(f)
+    tps = _axis({tp for _, tp in cells})
+    pps = _axis({pp for pp, _ in cells})
     table = Table(box=None, padding=(0, 2, 0, 0), show_edge=False, header_style="bold")
     table.add_column("", style="bold")
     for tp in tps[:MAX_TP_COLUMNS]:
-        table.add_column(f"tp {tp}")
+        table.add_column("any tp" if tp is None else f"tp {tp}")
     if len(tps) > MAX_TP_COLUMNS:
         table.add_column(f"… {len(tps) - MAX_TP_COLUMNS} more")
     for pp in pps[:MAX_PP_ROWS]:
-        row: list[RenderableType] = [f"pp {pp}"]
+        row: list[RenderableType] = ["any pp" if pp is None else f"pp {pp}"]
         row += [_cell(cells.get((pp, tp), [])) for tp in tps[:MAX_TP_COLUMNS]]
         table.add_row(*row)
     if len(pps) > MAX_PP_ROWS:
         table.add_row(f"… {len(pps) - MAX_PP_ROWS} more stages")
-    if shared:
-        table.add_row("shared", _cell(shared))
     return table
+
+
+def _axis(values: set[int | None]) -> list[int | None]:
+    """Ranks in order, with None (belongs to every rank of the axis) last."""
+    return sorted(v for v in values if v is not None) + ([None] if None in values else [])
 
 
 def _cell(files: list[RankFile]) -> Text:
@@ -79,14 +82,15 @@ def _cell(files: list[RankFile]) -> Text:
         by_role[f.role].append(f)
     text = Text()
     for role, group in by_role.items():
-        name = ROLE_NAMES.get(role, role)
         total = sum(f.size for f in group)
         count = f"×{len(group)} " if len(group) > 1 else ""
-        ranks = {f.dp for f in group if f.dp is not None}
-        where = f"dp 0-{max(ranks)} " if len(ranks) > 1 else ""
+        ranks = sorted({f.dp for f in group if f.dp is not None})
+        layers = sorted({f.layer for f in group if f.layer is not None})
+        where = f"dp {ranks[0]}-{ranks[-1]} " if len(ranks) > 1 else ""
+        where += f"{layers[0]:02d}-{layers[-1]:02d} " if len(layers) > 1 else ""
         if text:
             text.append("\n")
-        text.append(f"{name} ", "green" if role.startswith("optim") else "")
+        text.append(f"{ROLE_NAMES.get(role, role)} ", "green" if role.startswith("optim") else "")
         text.append(f"{count}{where}", "dim")
         text.append(size(total))
     return text or Text("-", "dim")

@@ -16,6 +16,8 @@ from engine import Param
 
 from ..formatting import shape, shard_shape, size
 
+FRAGMENT_COLUMNS = ("tp/pp/dp", "file", "states", "offset", "numel", "→ local element")
+
 
 class ParamDetails(Vertical):
     """Shows the highlighted parameter; `show_stats` adds its statistics once computed."""
@@ -27,11 +29,7 @@ class ParamDetails(Vertical):
     def compose(self) -> ComposeResult:
         yield Static("Select an iteration in the tree, then a parameter.", id="param-summary")
         yield Static("", id="param-stats")
-        table: DataTable[object] = DataTable(id="fragment-table", cursor_type="row", zebra_stripes=True)
-        for key, label in (("rank", "tp/pp/dp"), ("file", "file"), ("states", "states"), ("offset", "offset"),
-                           ("numel", "numel"), ("dst", "→ local element")):
-            table.add_column(label, key=key)
-        yield table
+        yield DataTable(id="fragment-table", cursor_type="row", zebra_stripes=True)
 
     def show(self, param: Param | None) -> None:
         if param is not None and self.param is not None and param.name == self.param.name and param is self.param:
@@ -39,20 +37,20 @@ class ParamDetails(Vertical):
         self.param = param
         self.query_one("#param-stats", Static).update("")
         table = self.query_one("#fragment-table", DataTable)
-        table.clear()
+        table.clear(columns=True)
         if param is None:
             self.query_one("#param-summary", Static).update(Text("No parameter matches the filter.", "dim"))
             return
         self.query_one("#param-summary", Static).update(summary(param))
-        for (tp, pp, dp, file, start, numel, dst), states in group_fragments(param).items():
-            table.add_row(
-                f"{tp}/{pp}/{dp}",
-                os.path.basename(file),
-                " ".join(states),
-                Text(f"{start:,}", justify="right"),
-                Text(f"{numel:,}", justify="right"),
-                Text(f"{dst:,}", justify="right"),
-            )
+        rows = [
+            (f"{tp}/{pp}/{dp}", os.path.basename(file), " ".join(states), f"{start:,}", f"{numel:,}", f"{dst:,}")
+            for (tp, pp, dp, file, start, numel, dst), states in group_fragments(param).items()
+        ]
+        for k, label in enumerate(FRAGMENT_COLUMNS):
+            width = max([len(label)] + [len(row[k]) for row in rows])
+            table.add_column(label, key=label, width=width)
+        for row in rows:
+            table.add_row(*row[:3], *(Text(cell, justify="right") for cell in row[3:]))
 
     def show_pending_stats(self, param_name: str) -> None:
         self.query_one("#param-stats", Static).update(Text(f"computing statistics of {param_name}…", "dim"))

@@ -124,6 +124,8 @@ def _shapes(shapes: tuple[tuple[int, ...], ...]) -> str:
     distinct = list(dict.fromkeys(shapes))
     if not distinct:
         return "-"
+    if len(distinct) > 3:
+        return f"{len(shapes)} tensors"
     text = " | ".join(shape(s) for s in distinct)
     return f"{len(shapes)} × {text}" if len(shapes) > 1 and len(distinct) == 1 else text
 

@@ -55,7 +55,8 @@ class RunTree(Tree[NodeData]):
         node = self.node_for(ref)
         if node is None or node.children:
             return
-        node.add_leaf(Text(f"{degrees_text(ckpt)} · {zero_text(ckpt)} · {ckpt.dtype or '?'}", "cyan"), data=ref)
+        node.add_leaf(Text(degrees_text(ckpt), "cyan"), data=ref)
+        node.add_leaf(Text(f"{zero_text(ckpt)} · {ckpt.dtype or 'dtype ?'}", "cyan"), data=ref)
         node.add_leaf(Text(f"{len(ckpt.params)} params · {size(ckpt.param_bytes)}"), data=ref)
         files = node.add(Text(f"{len(ckpt.files)} files · {size(ckpt.total_bytes)}"), data=ref)
         for f in ckpt.files:

@@ -446,6 +446,11 @@ class _DeepSpeedReader:
 
     def _stage_param_names(self, m: dict, stage: int, trank: int) -> tuple[list[str], dict[str, tuple]]:
         """Trainable parameter names of one stage in optimizer order (ZeRO-0 has no param_shapes)."""
+        if m.get("param_shapes"):  # e.g. a weights-only reshard output: the names DeepSpeed recorded
+            recorded: dict[str, tuple] = OrderedDict()
+            for group in m["param_shapes"]:
+                recorded.update({k: tuple(v) for k, v in group.items()})
+            return list(recorded), recorded
         buffers = set(m.get("buffer_names") or [])
         module = m.get("module")
         shapes: dict[str, tuple] = OrderedDict()

@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ..errors import CheckpointError
 from ..layout import Checkpoint, Degrees, Format, Fragment, IterationRef, Param, RankFile, Run, Shard
@@ -30,7 +31,18 @@ _RANK_RE = re.compile(r"^mp_rank_(\d{2,})(?:_(\d{3,}))?(?:_(\d{3,}))?$")
 _CHUNK_RE = re.compile(r"^model(\d+)$")
 _LAYER_RE = re.compile(r"(?:^|(?<=\.))layers\.(\d+)\.")
 _EXPERT_RE = re.compile(r"(local_experts\.)(\d+)(\.)|(\.weight|\.bias)(\d+)$")
+_MAX_WORKERS = 16
+T = TypeVar("T")
+R = TypeVar("R")
 _TRUE_VOCAB_ARGS = ("true_vocab_size", "original_vocab_size", "orig_vocab_size")  # never `vocab_size`: +1 EOD
+
+
+def _pmap(fn: Callable[[T], R], items: list[T]) -> list[R]:
+    """Map over many small pickle reads; a thread pool once there are enough to overlap I/O."""
+    if len(items) < 16:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=min(_MAX_WORKERS, len(items))) as ex:
+        return list(ex.map(fn, items))
 
 
 def _is_legacy_iteration(listing: DirListing) -> bool:
@@ -169,10 +181,11 @@ class _Reader:
         files: list[RankFile] = []
         has_distrib = False
         for d in dirs:
-            path = os.path.join(d.path, MODEL_FILE)
-            if not os.path.isfile(path):
+            if not os.path.isfile(os.path.join(d.path, MODEL_FILE)):
                 raise CheckpointError(d.path, f"no {MODEL_FILE}")
-            obj = head if path == first else load_torch_metadata(path).obj
+        paths = [os.path.join(d.path, MODEL_FILE) for d in dirs]
+        objs = _pmap(lambda p: head if p == first else load_torch_metadata(p).obj, paths)
+        for d, path, obj in zip(dirs, paths, objs, strict=True):
             if not isinstance(obj, dict):
                 raise CheckpointError(path, "the pickle is not a dict")
             states[(d.tp, d.pp, d.ep)] = {"path": path, "obj": obj}
@@ -219,6 +232,8 @@ class _Reader:
             "num_heads": int(heads) if isinstance(heads, int) else None,
             "num_groups": int(groups) if isinstance(groups, int) else None,
             "num_layers": _arg(args, "num_layers", None),
+            "decoder_first_pipeline_num_layers": _arg(args, "decoder_first_pipeline_num_layers", None),
+            "decoder_last_pipeline_num_layers": _arg(args, "decoder_last_pipeline_num_layers", None),
             "untie_embeddings_and_output_weights": bool(_arg(args, "untie_embeddings_and_output_weights", False)),
             "padded_vocab_size": padded if isinstance(padded, int) else None,
             "true_vocab_size": true_vocab,
@@ -339,6 +354,13 @@ class _Reader:
         total = meta.get("num_layers")
         if isinstance(total, int) and running and running != total:
             self.warnings.append(f"the stages hold {running} layers but args say num_layers={total}")
+        if n_vp == 1 and deg.pp > 1:  # uneven pipelines: the folders must hold what args say
+            ends = ((0, "decoder_first_pipeline_num_layers"), (deg.pp - 1, "decoder_last_pipeline_num_layers"))
+            for stage, key in ends:
+                want = meta.get(key)
+                if isinstance(want, int) and counts.get((stage, 0)) != want:
+                    self.warnings.append(f"pipeline stage {stage} holds {counts.get((stage, 0))} layers but args "
+                                         f"say {key}={want}")
         return offsets
 
     def _experts_per_rank(self, flat: Mapping[tuple[int, int, int], list[tuple[int, dict[str, TensorRef]]]],

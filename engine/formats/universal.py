@@ -190,7 +190,9 @@ class UniversalFormat(CheckpointFormat):
 
     def claim_run(self, listing: DirListing) -> Run | None:
         root = listing.path
-        if LATEST in listing.file_set:
+        # A DeepSpeed root that also holds a universal copy stays the DeepSpeed reader's (one run of all its
+        # global_stepN dirs); each `<tag>_universal/` inside is then claimed below as a tag folder of its own.
+        if LATEST in listing.file_set and "latest" not in listing.file_set:
             named = os.path.basename((listing.read_text(LATEST) or "").strip().rstrip("/"))
             tags = [d for d in listing.dirs if (d == named or d.endswith("_universal"))
                     and is_universal_tag_dir(os.path.join(root, d))]

@@ -20,6 +20,8 @@ class _StandInPickler(pickle._Pickler):  # type: ignore[name-defined]
             cls = _named_global(obj.qualname)
             if isinstance(obj, (ZeroStage, EnumValue)):
                 return (cls, tuple(obj.args))
+            if obj.qualname.endswith("._reconstruct"):  # made by calling a function: call it again on load
+                return (cls, tuple(obj.args), obj.state)
             return (copyreg.__newobj__, (cls, *obj.args), obj.state)
         return NotImplemented
 
@@ -29,6 +31,8 @@ class _StandInPickler(pickle._Pickler):  # type: ignore[name-defined]
         super().save_reduce(func, args, *rest, obj=obj, **kw)
 
     def save_global(self, obj: Any, name: str | None = None) -> None:
+        if isinstance(obj, type) and issubclass(obj, StandIn):  # a stand-in class inside another's arguments
+            obj = _named_global(obj.qualname)
         if isinstance(obj, _GlobalName):
             module, _, qual = obj.qualname.rpartition(".")
             self.write(pickle.GLOBAL + f"{module}\n{qual}\n".encode())

@@ -64,15 +64,17 @@ def ds_config(a: argparse.Namespace) -> dict:
 
 def main() -> None:
     a = parse()
+    import importlib
+
     import deepspeed
-    import deepspeed.comm.torch as ds_comm_torch
     import torch
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     # The shared-memory all-reduce op is an optional speed-up that DeepSpeed JIT-compiles (60-90 s) on first use;
     # without it the CPU backend uses plain gloo collectives. Loading needs none of its speed.
-    ds_comm_torch.build_shm_op = lambda: None
+    # (`import deepspeed.comm.torch` would give the torch package: deepspeed.comm re-exports it under that name.)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model = build_model(a.hidden, a.layers)
