@@ -54,6 +54,20 @@ def rel_path(path: str, root: str) -> str:
     return path if rel.startswith("..") else rel
 
 
+def display_path(path: str) -> str:
+    """A path as a shell user would type it: relative to the working directory when under it, else absolute."""
+    path = os.path.abspath(path)
+    cwd = os.getcwd()
+    if path == cwd:
+        return "."
+    if path.startswith(cwd.rstrip(os.sep) + os.sep):
+        return os.path.relpath(path, cwd)
+    home = os.path.expanduser("~")
+    if home not in ("", "/") and path.startswith(home.rstrip(os.sep) + os.sep):
+        return "~" + path[len(home.rstrip(os.sep)):]
+    return path
+
+
 def rate(nbytes: float, seconds: float) -> str:
     return f"{size(nbytes / seconds)}/s" if seconds > 0 else "-"
 

@@ -249,138 +249,203 @@ class DaskExecutor(ItemExecutor):
             on_done: Callable[[PlanItem, int], None]) -> None:
         if not items:
             return
-        from distributed import KilledWorker
-
         start_workers = self._wait_for_workers(emit)
         if cancel.is_set():
             raise Cancelled()
         if self.check_paths:
             self.check(items, root)
-        token = uuid.uuid4().hex[:12]
-        topic = f"ckpt-explorer-{token}"
-        inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("event", msg) from the scheduler, ("done", future)
-        index: dict[str, int] = {addr: i for i, addr in enumerate(sorted(start_workers))}
-        self.client.subscribe_topic(topic, lambda ev: inbox.put(("event", ev[1])))
-        todo = sorted(items, key=lambda i: -i.write_bytes)  # largest first, as the local pool does
-        by_key: dict[str, PlanItem] = {}
-        attempts: dict[str, int] = {}
-        starts: dict[str, int] = {}
-        finished: set[str] = set()
-        pending: set[Future] = set()
-        failure: BaseException | None = None
+        _Run(self, items, root, emit, cancel, on_done, start_workers).execute()
+
+
+class _Run:
+    """One DaskExecutor.run: the futures in flight, attempts per item, progress, and why it stopped.
+
+    It stops for one of three reasons: `cancel` (Cancelled), an item's error (raised as is, and execute_plan removes
+    the temporary output), or the cluster going away (no workers for `worker_timeout`, the scheduler lost): that is
+    reported as a LOG event and raised as Cancelled, so the temporary output survives for --resume.
+    """
+
+    def __init__(self, ex: DaskExecutor, items: list[PlanItem], root: str, emit: Emit, cancel: threading.Event,
+                 on_done: Callable[[PlanItem, int], None], start_workers: dict[str, int]) -> None:
+        self.ex, self.client, self.items, self.root = ex, ex.client, items, root
+        self.emit, self.cancel, self.on_done = emit, cancel, on_done
+        self.start_workers = start_workers
+        self.token = uuid.uuid4().hex[:12]
+        self.topic = f"ckpt-explorer-{self.token}"
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("event", msg) from workers, ("done", future)
+        self.index = {address: i for i, address in enumerate(sorted(start_workers))}
+        self.by_key: dict[str, PlanItem] = {}
+        self.attempts: dict[str, int] = {}
+        self.starts: dict[str, int] = {}
+        self.finished: set[str] = set()
+        self.pending: set[Future] = set()
+        self.failure: BaseException | None = None
+        self.interrupted: str | None = None
+        self.slots = max(1, sum(start_workers.values()))
+        self.watched = time.monotonic()
+        self.no_workers_since: float | None = None
+
+    # -- driving
+    def execute(self) -> None:
+        todo = sorted(self.items, key=lambda i: -i.write_bytes)  # largest first, as the local pool does
         pos = 0
-        slots = max(1, sum(start_workers.values()))
-        slots_at = time.monotonic()
-
-        def worker_index(address: str) -> int:
-            return index.setdefault(address, len(index))
-
-        def submit(item: PlanItem) -> None:
-            n = attempts[item.id] = attempts.get(item.id, 0) + 1
-            key = f"ckpt-explorer-{token}-{n}-{item.id}"
-            fut = self.client.submit(_task, item, root, topic, token, key=key, pure=False)
-            by_key[key] = item
-            pending.add(fut)
-            fut.add_done_callback(lambda f: inbox.put(("done", f)))
-
-        def handle(kind: str, payload: Any) -> None:
-            nonlocal failure
-            if kind == "event":
-                ev_kind, address, item_id, done, total = payload
-                if item_id in finished:
-                    return  # a late progress event of an item already reported done
-                if ev_kind == EventKind.ITEM_START.value:
-                    starts[item_id] = starts.get(item_id, 0) + 1
-                emit(ProgressEvent(EventKind(ev_kind), worker=worker_index(address), item=item_id, bytes_done=done,
-                                   bytes_total=total))
-                return
-            fut = payload
-            if fut not in pending:
-                return
-            pending.discard(fut)
-            item = by_key.pop(fut.key)
-            if fut.status == "finished":
-                result = fut.result()
-                if result[0] == "ok":
-                    finished.add(item.id)
-                    on_done(item, result[1])
-                elif result[0] == "error" and failure is None:
-                    failure = CheckpointError(result[3], result[4])
-            elif fut.status == "error":
-                exc = fut.exception()
-                if isinstance(exc, KilledWorker) and attempts[item.id] <= self.max_resubmits and failure is None \
-                        and not cancel.is_set():
-                    emit(ProgressEvent(EventKind.LOG, message=f"{item.name}: its Dask workers died; running it again"))
-                    submit(item)
-                elif isinstance(exc, KilledWorker):
-                    failure = failure or CheckpointError(item.name, f"killed a Dask worker on each of its {attempts[item.id]} attempts "
-                                                                    f"(out of memory? it needs about "
-                                                                    f"{item.peak_bytes:,} bytes)")
-                else:
-                    failure = failure or exc
-            else:  # cancelled by someone else, or the scheduler was lost
-                failure = failure or CheckpointError(self.address, f"Dask task for {item.name} was {fut.status}")
-
+        self.client.subscribe_topic(self.topic, lambda ev: self.inbox.put(("event", ev[1])))
         try:
             while True:
-                if time.monotonic() - slots_at > 2.0:  # follow a cluster that scales up or down
-                    slots, slots_at = max(1, sum(self._nthreads().values())), time.monotonic()
-                while pos < len(todo) and len(pending) < 2 * slots and failure is None and not cancel.is_set():
-                    submit(todo[pos])
+                if time.monotonic() - self.watched > 2.0:
+                    self._watch()
+                while pos < len(todo) and len(self.pending) < 2 * self.slots and not self._stopping():
+                    self._submit(todo[pos])
                     pos += 1
-                if not pending:
+                if not self.pending:
                     break
-                if cancel.is_set() or failure is not None:
-                    self._drain(token, pending, inbox, handle)
+                if self._stopping():
+                    self._drain()
                     break
-                try:
-                    handle(*inbox.get(timeout=0.2))
-                except queue.Empty:
-                    continue
-                while True:  # handle everything already queued before submitting more
-                    try:
-                        handle(*inbox.get_nowait())
-                    except queue.Empty:
-                        break
+                self._pump(0.2)
         finally:
-            self._drain_events(inbox, handle)
-            self.client.unsubscribe_topic(topic)
-        if failure is not None:
-            raise failure
-        if len(finished) < len(items):
-            if cancel.is_set():
-                raise Cancelled()
-            raise CheckpointError(self.address, f"{len(items) - len(finished)} items did not run on the Dask cluster")
-        rerun = [i for i in items if starts.get(i.id, 0) > 1 or attempts.get(i.id, 0) > 1]
-        lost = set(start_workers) - set(self._nthreads())
-        removed = _sweep_temporaries(items if lost else rerun, root) if (rerun or lost) else 0
-        if removed:
-            emit(ProgressEvent(EventKind.LOG, message=f"removed {removed} temporary files left by lost Dask workers"))
-
-    def _drain(self, token: str, pending: set[Future], inbox: queue.SimpleQueue,
-               handle: Callable[[str, Any], None]) -> None:
-        """After cancel or a failure: tasks not yet started return at once, running ones finish (and are journaled),
-        so nothing of this run writes into the output root once `run` returns."""
-        self.client.run(_stop_token, token, on_error="ignore")
-        deadline = time.monotonic() + self.drain_timeout
-        while pending and time.monotonic() < deadline:
+            self._pump_events()
             try:
-                handle(*inbox.get(timeout=0.2))
-            except queue.Empty:
-                continue
-        if pending:
-            self.client.cancel(list(pending), force=True)
-            pending.clear()
+                self.client.unsubscribe_topic(self.topic)
+            except Exception:  # the scheduler may be gone; nothing left to unsubscribe from
+                pass
+        if self.failure is not None:
+            raise self.failure
+        if self.interrupted is not None:
+            self.emit(ProgressEvent(EventKind.LOG, message=f"stopped: {self.interrupted}"))
+            raise Cancelled(self.interrupted)
+        if len(self.finished) < len(self.items):
+            if self.cancel.is_set():
+                raise Cancelled()
+            raise CheckpointError(self.ex.address, f"{len(self.items) - len(self.finished)} items did not run")
+        self._sweep()
 
-    @staticmethod
-    def _drain_events(inbox: queue.SimpleQueue, handle: Callable[[str, Any], None]) -> None:
+    def _stopping(self) -> bool:
+        return self.cancel.is_set() or self.failure is not None or self.interrupted is not None
+
+    def _submit(self, item: PlanItem) -> None:
+        n = self.attempts[item.id] = self.attempts.get(item.id, 0) + 1
+        key = f"ckpt-explorer-{self.token}-{n}-{item.id}"
+        fut = self.client.submit(_task, item, self.root, self.topic, self.token, key=key, pure=False)
+        self.by_key[key] = item
+        self.pending.add(fut)
+        fut.add_done_callback(lambda f: self.inbox.put(("done", f)))
+
+    def _pump(self, timeout: float) -> None:
+        """Handle the next message (waiting up to `timeout`), then everything already queued."""
+        try:
+            self._handle(*self.inbox.get(timeout=timeout))
+        except queue.Empty:
+            return
         while True:
             try:
-                kind, payload = inbox.get_nowait()
+                self._handle(*self.inbox.get_nowait())
+            except queue.Empty:
+                return
+
+    def _pump_events(self) -> None:
+        while True:
+            try:
+                kind, payload = self.inbox.get_nowait()
             except queue.Empty:
                 return
             if kind == "event":
-                handle(kind, payload)
+                self._handle(kind, payload)
+
+    def _watch(self) -> None:
+        """Follow a cluster that scales; notice when it has no workers left or the scheduler is gone."""
+        self.watched = time.monotonic()
+        try:
+            nthreads = self.ex._nthreads()
+        except Exception as exc:  # any failure to reach the scheduler
+            self.interrupted = f"lost the Dask scheduler {self.ex.address} ({exc}); finish with --resume"
+            return
+        self.slots = max(1, sum(nthreads.values()))
+        if nthreads:
+            self.no_workers_since = None
+        elif self.no_workers_since is None:
+            self.no_workers_since = time.monotonic()
+            self.emit(ProgressEvent(EventKind.LOG, message="no Dask workers left; waiting for new ones"))
+        elif time.monotonic() - self.no_workers_since > self.ex.worker_timeout:
+            self.interrupted = (f"no Dask workers for {self.ex.worker_timeout:.0f} s; start workers and finish "
+                                "with --resume")
+
+    # -- messages
+    def _handle(self, kind: str, payload: Any) -> None:
+        if kind == "event":
+            self._on_event(payload)
+        else:
+            self._on_future(payload)
+
+    def _on_event(self, payload: list[Any]) -> None:
+        ev_kind, address, item_id, done, total = payload
+        if item_id in self.finished:
+            return  # a late progress event of an item already reported done
+        if ev_kind == EventKind.ITEM_START.value:
+            self.starts[item_id] = self.starts.get(item_id, 0) + 1
+        worker = self.index.setdefault(address, len(self.index))
+        self.emit(ProgressEvent(EventKind(ev_kind), worker=worker, item=item_id, bytes_done=done, bytes_total=total))
+
+    def _on_future(self, fut: Future) -> None:
+        from distributed import KilledWorker
+
+        if fut not in self.pending:
+            return
+        self.pending.discard(fut)
+        item = self.by_key.pop(fut.key)
+        if fut.status == "finished":
+            result = fut.result()
+            if result[0] == "ok":
+                self.finished.add(item.id)
+                self.on_done(item, result[1])
+            elif result[0] == "error":
+                self.failure = self.failure or CheckpointError(result[3], result[4])
+        elif fut.status == "error":
+            exc = fut.exception()
+            if not isinstance(exc, KilledWorker):
+                self.failure = self.failure or exc
+            elif self.attempts[item.id] <= self.ex.max_resubmits and not self._stopping():
+                self.emit(ProgressEvent(EventKind.LOG, message=f"{item.name}: its Dask workers died; running it again"))
+                self._submit(item)
+            else:
+                self.failure = self.failure or CheckpointError(
+                    item.name, f"killed a Dask worker on each of its {self.attempts[item.id]} attempts (out of memory? "
+                               f"it needs about {item.peak_bytes:,} bytes)")
+        elif not self.cancel.is_set():  # cancelled by the scheduler: it was restarted or lost
+            self.interrupted = self.interrupted or (f"the Dask scheduler {self.ex.address} dropped the task for "
+                                                    f"{item.name} ({fut.status}); finish with --resume")
+
+    # -- stopping and cleaning up
+    def _drain(self) -> None:
+        """After cancel or a failure: tasks not yet started return at once and running ones finish (and are
+        journaled), so nothing of this run writes into the output root once `run` returns."""
+        if self.interrupted is None:
+            try:
+                self.client.run(_stop_token, self.token, on_error="ignore")
+            except Exception:  # workers that cannot be told will still be waited for
+                pass
+            deadline = time.monotonic() + self.ex.drain_timeout
+            while self.pending and time.monotonic() < deadline and self.interrupted is None:
+                self._pump(0.2)
+                if time.monotonic() - self.watched > 2.0:
+                    self._watch()
+        if self.pending:
+            try:
+                self.client.cancel(list(self.pending), force=True)
+            except Exception:  # the scheduler may be gone
+                pass
+            self.pending.clear()
+
+    def _sweep(self) -> None:
+        """Remove temporary files that workers which died mid-item left beside the outputs."""
+        rerun = [i for i in self.items if self.starts.get(i.id, 0) > 1 or self.attempts.get(i.id, 0) > 1]
+        lost = set(self.start_workers) - set(self.ex._nthreads())
+        if not (rerun or lost):
+            return
+        removed = _sweep_temporaries(self.items if lost else rerun, self.root)
+        if removed:
+            self.emit(ProgressEvent(EventKind.LOG, message=f"removed {removed} temporary files left by lost Dask "
+                                                           "workers"))
 
 
 def make_executor(scheduler: str | None, workers: int | None) -> ItemExecutor:

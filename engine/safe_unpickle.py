@@ -242,7 +242,7 @@ class RestrictedUnpickler(pickle.Unpickler):
             if rec.header_offset + rec.size > zip_dir.length:
                 raise CheckpointError(self.path, f"storage data/{key} points outside the file (truncated?)")
         ref = TensorRef(self.path, key, storage.dtype, tuple(size), tuple(stride), storage_offset, storage.numel,
-                        self.base_offset)
+                        self.base_offset, self.zip_dir.length if self.zip_dir is not None else None)
         self.report.tensors.append(ref)
         return ref
 
@@ -312,137 +312,145 @@ def _brief(value: Any) -> str:
 
 
 # -- opcode pre-scan --------------------------------------------------------------------------------
-# argument layout per opcode: (fixed bytes, length-prefix bytes, newline-terminated lines, signed prefix)
-def _opcode_table() -> list[tuple[int, int, int, bool] | None]:
+def _opcode_tables() -> tuple[list[int], list[int]]:
+    """FIXED[op] = bytes to skip for opcodes with a fixed-size argument (opcode byte included), else 0;
+    KIND[op] = 0 unknown, 1 fixed, 2/3/4 length prefix of 1/4/8 bytes (5 = signed 4), 6 one text line,
+    7 two text lines, 8 the memo writes checked apart (PUT, LONG_BINPUT), 9 refused (out-of-band buffers)."""
     import pickletools as pt
 
-    kinds = {pt.UP_TO_NEWLINE: (0, 0, 1, False), pt.TAKEN_FROM_ARGUMENT1: (0, 1, 0, False),
-             pt.TAKEN_FROM_ARGUMENT4: (0, 4, 0, True), pt.TAKEN_FROM_ARGUMENT4U: (0, 4, 0, False),
-             pt.TAKEN_FROM_ARGUMENT8U: (0, 8, 0, False)}
-    table: list[tuple[int, int, int, bool] | None] = [None] * 256
+    prefix = {pt.TAKEN_FROM_ARGUMENT1: 2, pt.TAKEN_FROM_ARGUMENT4U: 3, pt.TAKEN_FROM_ARGUMENT8U: 4,
+              pt.TAKEN_FROM_ARGUMENT4: 5, pt.UP_TO_NEWLINE: 6}
+    fixed, kind = [0] * 256, [0] * 256
     for op in pt.opcodes:
-        arg = op.arg
-        table[ord(op.code)] = (0, 0, 0, False) if arg is None else (arg.n, 0, 0, False) if arg.n >= 0 else kinds[arg.n]
-    for code in (pickle.GLOBAL, pickle.INST):  # two newline-terminated strings
-        table[code[0]] = (0, 0, 2, False)
-    return table
+        code, arg = ord(op.code), op.arg
+        if arg is None or arg.n >= 0:
+            fixed[code], kind[code] = 1 + (arg.n if arg is not None else 0), 1
+        else:
+            kind[code] = prefix[arg.n]
+    for code in (pickle.GLOBAL, pickle.INST):
+        kind[code[0]] = 7
+    for code in (pickle.PUT, pickle.LONG_BINPUT):
+        fixed[code[0]], kind[code[0]] = 0, 8
+    for code in (pickle.NEXT_BUFFER, pickle.READONLY_BUFFER):
+        fixed[code[0]], kind[code[0]] = 0, 9
+    fixed[pickle.STOP[0]] = 0  # ends the scan
+    return fixed, kind
 
 
-_OPS = _opcode_table()
-_PUT_TEXT, _BINPUT, _LONG_BINPUT = ord(pickle.PUT), ord(pickle.BINPUT), ord(pickle.LONG_BINPUT)
-_STOP, _NEXT_BUFFER = ord(pickle.STOP), ord(pickle.NEXT_BUFFER)
-_READONLY_BUFFER = ord(pickle.READONLY_BUFFER)
+_FIXED, _KIND = _opcode_tables()
+_STOP, _LONG_BINPUT = pickle.STOP[0], pickle.LONG_BINPUT[0]
+_PREFIX = {2: (1, False), 3: (4, False), 4: (8, False), 5: (4, True)}
 
 
-def scan_opcodes(data: bytes, path: str) -> int:
-    """Check the opcode stream before unpickling: known opcodes, lengths inside the data, memo indices no larger
-    than the data (the C unpickler sizes its memo array by the largest index). Returns the opcode count."""
+def scan_opcodes(data: bytes, path: str) -> None:
+    """Check the opcode stream before the C unpickler sees it: every opcode known, every length inside the data,
+    every memo index no larger than the data (the C unpickler sizes its memo array by the largest index it is
+    given, so one LONG_BINPUT 0x7fffffff would allocate and zero 32 GiB), no out-of-band buffers."""
     n = len(data)
     i = 0
-    count = 0
-    ops = _OPS
+    fixed, kind = _FIXED, _KIND
     frm = int.from_bytes
     while i < n:
         code = data[i]
-        spec = ops[code]
-        if spec is None:
-            raise CheckpointError(path, f"corrupt pickle: unknown opcode 0x{code:02x} at byte {i}")
-        if code == _NEXT_BUFFER or code == _READONLY_BUFFER:
-            raise CheckpointError(path, "pickle uses out-of-band buffers, which checkpoints never do")
-        count += 1
+        step = fixed[code]
+        if step:  # the common case: an opcode with a fixed-size argument
+            i += step
+            continue
+        k = kind[code]
         i += 1
-        fixed, prefix, lines, signed = spec
-        if fixed:
-            if code == _LONG_BINPUT and frm(data[i:i + 4], "little") > n:
-                raise CheckpointError(path, "corrupt pickle: memo index larger than the pickle itself")
-            i += fixed
-        elif prefix:
-            length = frm(data[i:i + prefix], "little", signed=signed)
-            i += prefix
+        if code == _STOP:
+            return
+        if k == 8:
+            if code == _LONG_BINPUT:
+                index, i = frm(data[i : i + 4], "little"), i + 4
+            else:
+                end = data.find(b"\n", i)
+                text = data[i:end] if end >= 0 else b"x"
+                if not text.isdigit() or len(text) > 12:
+                    raise CheckpointError(path, f"corrupt pickle: bad PUT argument at byte {i}")
+                index, i = int(text), end + 1
+            if index > n:
+                raise CheckpointError(path, f"corrupt pickle: memo index {index} is larger than the pickle ({n} bytes)")
+        elif k in _PREFIX:
+            width, signed = _PREFIX[k]
+            length = frm(data[i : i + width], "little", signed=signed)
+            i += width
             if length < 0 or length > n - i:
                 raise CheckpointError(path, f"corrupt or truncated pickle: a {length}-byte argument at byte {i}")
             i += length
-        elif lines:
-            for _ in range(lines):
+        elif k == 6 or k == 7:
+            for _ in range(k - 5):
                 end = data.find(b"\n", i)
                 if end < 0:
                     raise CheckpointError(path, "corrupt or truncated pickle: unterminated text argument")
-                if code == _PUT_TEXT:
-                    text = data[i:end]
-                    if not text.isdigit() or len(text) > 12 or int(text) > n:
-                        raise CheckpointError(path, "corrupt pickle: memo index larger than the pickle itself")
                 i = end + 1
-        if code == _STOP:
-            return count
-    if i > n:
-        raise CheckpointError(path, "pickle data is truncated")
+        elif k == 9:
+            raise CheckpointError(path, "pickle uses out-of-band buffers, which checkpoints never do")
+        else:
+            raise CheckpointError(path, f"corrupt pickle: unknown opcode 0x{code:02x} at byte {i - 1}")
     raise CheckpointError(path, "pickle data is truncated (no STOP opcode)")
 
 
 # -- object graph post-scan -------------------------------------------------------------------------
-_LEAVES = (str, bytes, int, float, bool, type(None), TensorRef, StorageStub, bytearray, complex, slice, _Guarded,
-           type)
+_LEAF_TYPES = frozenset({str, bytes, int, float, bool, type(None), TensorRef, StorageStub, bytearray, complex, slice,
+                         _Guarded, DType, type})
 
 
 def check_graph(obj: Any, path: str) -> None:
     """Refuse results a naive walker could not handle: cycles, nesting deeper than MAX_DEPTH, or more than
     MAX_EXPANDED nodes when shared sub-objects are counted once per use."""
-    sizes: dict[int, int] = {}  # id -> expanded size (done)
-    depths: dict[int, int] = {}
+    done: dict[int, tuple[int, int]] = {}  # id -> (expanded size, height); `obj` keeps every node alive
     active: set[int] = set()
-    stack: list[tuple[Any, list[Any] | None]] = [(obj, None)]  # `obj` keeps every node alive: ids stay unique
-    while stack:
-        node, children = stack[-1]
-        if children is None:
-            nid = id(node)
-            if nid in sizes:
-                stack.pop()
-                continue
-            kids = _children(node)
-            if kids is None:
-                sizes[nid], depths[nid] = 1, 0
-                stack.pop()
-                continue
-            if nid in active:
-                raise CheckpointError(path, "pickle object graph contains a cycle")
-            active.add(nid)
-            if len(active) > MAX_DEPTH:
-                raise CheckpointError(path, f"pickle nests more than {MAX_DEPTH} containers deep")
-            stack[-1] = (node, kids)
-            for kid in kids:
-                if not isinstance(kid, _LEAVES) and id(kid) not in sizes:
-                    if id(kid) in active:
-                        raise CheckpointError(path, "pickle object graph contains a cycle")
-                    stack.append((kid, None))
-            continue
-        stack.pop()
+    leaf_types = _LEAF_TYPES
+
+    def walk(node: Any, depth: int) -> tuple[int, int]:
         nid = id(node)
-        total, depth = 1, 0
-        for kid in children:
-            if isinstance(kid, _LEAVES):
-                total += 1
-            else:
-                total += sizes[id(kid)]
-                depth = max(depth, depths[id(kid)])
+        got = done.get(nid)
+        if got is not None:
+            if depth + got[1] > MAX_DEPTH:
+                raise CheckpointError(path, f"pickle nests more than {MAX_DEPTH} containers deep")
+            return got
+        if nid in active:
+            raise CheckpointError(path, "pickle object graph contains a cycle")
+        if depth > MAX_DEPTH:
+            raise CheckpointError(path, f"pickle nests more than {MAX_DEPTH} containers deep")
+        active.add(nid)
+        total, height = 1, 0
+        t = type(node)
+        if t is dict or t is OrderedDict:
+            parts: tuple[Any, ...] = (node.keys(), node.values())
+        elif t is list or t is tuple:
+            parts = (node,)
+        else:
+            parts = _parts(node)
+        for part in parts:
+            for kid in part:
+                if type(kid) in leaf_types:
+                    total += 1
+                    continue
+                size, h = walk(kid, depth + 1)
+                total += size
+                if h >= height:
+                    height = h + 1
         if total > MAX_EXPANDED:
             raise CheckpointError(path, f"pickle object graph expands to more than {MAX_EXPANDED} nodes")
-        if depth + 1 > MAX_DEPTH:
-            raise CheckpointError(path, f"pickle nests more than {MAX_DEPTH} containers deep")
-        sizes[nid], depths[nid] = total, depth + 1
         active.discard(nid)
+        done[nid] = (total, height)
+        return total, height
+
+    if type(obj) not in leaf_types:
+        walk(obj, 0)
 
 
-def _children(node: Any) -> list[Any] | None:
+def _parts(node: Any) -> tuple[Any, ...]:
     if isinstance(node, dict):
-        return [*node.keys(), *node.values()]
+        return (node.keys(), node.values())
     if isinstance(node, (list, tuple, set, frozenset)):
-        return list(node)
+        return (node,)
     if isinstance(node, S.StandIn):
-        return list(node.__dict__.values())
-    if isinstance(node, _LEAVES):
-        return None
+        return (node.__dict__.values(),)
     d = getattr(node, "__dict__", None)  # e.g. attributes BUILD put on an OrderedDict instance
-    return list(d.values()) if isinstance(d, dict) and d else None
+    return (d.values(),) if isinstance(d, dict) else ()
 
 
 @dataclass

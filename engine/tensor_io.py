@@ -16,16 +16,16 @@ if TYPE_CHECKING:
 
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
-_zip_cache: dict[tuple[str, int], TorchZip] = {}
+_zip_cache: dict[tuple[str, int, int | None], TorchZip] = {}
 _zip_lock = threading.Lock()
 
 
 def _zip_for(ref: TensorRef) -> TorchZip:
-    key = (ref.file, ref.base_offset)
+    key = (ref.file, ref.base_offset, ref.base_length)
     with _zip_lock:
         z = _zip_cache.get(key)
     if z is None:
-        z = TorchZip(ref.file, base_offset=ref.base_offset)
+        z = TorchZip(ref.file, base_offset=ref.base_offset, length=ref.base_length)
         with _zip_lock:
             _zip_cache[key] = z
     return z

@@ -65,6 +65,7 @@ class TensorRef:
     storage_offset: int
     storage_numel: int
     base_offset: int = 0  # where the torch zip starts inside `file` (non-zero for DCP chunks)
+    base_length: int | None = None  # that zip's length when it is embedded in a larger file
 
     @property
     def numel(self) -> int:

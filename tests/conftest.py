@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import multiprocessing.resource_tracker
 import os
 
@@ -15,3 +17,40 @@ os.environ.setdefault("TEXTUAL_ANIMATIONS", "none")
 def _resource_tracker_running() -> None:
     """Process pools started inside a running Textual app need the tracker started while stderr is a real file."""
     multiprocessing.resource_tracker.ensure_running()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """Run `async def` tests (the app's pilot tests) in a fresh event loop; no asyncio plugin needed."""
+    if not inspect.iscoroutinefunction(pyfuncitem.obj):
+        return None
+    kwargs = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
+    asyncio.run(pyfuncitem.obj(**kwargs))
+    return True
+
+
+# --- app tests: real fixture checkpoints copied under one root ----------------------------------------------------
+
+APP_FIXTURES = {
+    "deepspeed-z2": "deepspeed-0.19.8/z2_fp32_ws2/ckpt",
+    "megatron-tp2-pp2": "megatron-deepspeed/gpt_pipe_tp2_pp2_dp1_bf16/ckpt",
+}
+
+
+def copy_checkpoints(root, names=tuple(APP_FIXTURES)):
+    """Copy fixture checkpoints to `root/<name>` (writable copies; DeepSpeed's zero_to_*.py scripts left out)."""
+    import shutil
+    from pathlib import Path
+
+    fixtures = Path(__file__).parent / "fixtures"
+    root = Path(root)
+    for name in names:
+        shutil.copytree(fixtures / APP_FIXTURES[name], root / name, copy_function=shutil.copyfile,
+                        ignore=shutil.ignore_patterns("zero_to_*.py"))
+    return root
+
+
+@pytest.fixture
+def ckpt_root(tmp_path):
+    """tmp_path/ckpts holding the z2 fp32 DeepSpeed run and the tp2×pp2 Megatron-DeepSpeed run."""
+    return copy_checkpoints(tmp_path / "ckpts")

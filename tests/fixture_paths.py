@@ -25,7 +25,8 @@ def expected(case: str) -> dict:
 
 
 def universal_cases() -> list[str]:
-    return [c for c in case_dirs() if os.path.exists(os.path.join(FIXTURES, c, "expected", "universal", "latest_universal"))]
+    return [c for c in case_dirs()
+            if os.path.exists(os.path.join(FIXTURES, c, "expected", "universal", "latest_universal"))]
 
 
 def reference_cases() -> list[str]:

@@ -1,4 +1,4 @@
-"""`inspect --json` on every real fixture: degrees, stage, dtype and every (name, global shape) as expected.json says."""
+"""`inspect --json` on every real fixture: degrees, stage, dtype and every (name, global shape) as expected."""
 
 from __future__ import annotations
 

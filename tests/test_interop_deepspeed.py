@@ -3,8 +3,9 @@
 Each case converts a real fixture (written by DeepSpeed 0.19.8) with our universal converter, then runs real
 DeepSpeed under torchrun (gloo, CPU accelerator) at a new world size / ZeRO stage with
 `"checkpoint": {"load_universal": true}` (tests/interop/load_universal.py), and compares what it restored:
-fp32 masters with the fixture's reference_fp32.pt, exp_avg / exp_avg_sq with the moments our converter wrote
-(torch.equal, bit for bit), the module weights with the masters in the model dtype, and the step counters.
+fp32 masters with the fixture's reference_fp32.pt, exp_avg / exp_avg_sq with the moments our converter wrote and
+with those DeepSpeed's own ds_to_universal wrote for the fixture (torch.equal, bit for bit), the module weights
+with the masters in the model dtype, and the step counters with the source iteration.
 
 Opt-in: marked `interop`; skipped unless DeepSpeed is importable from the interpreter named by
 CKPT_EXPLORER_DS_PYTHON or from this one (make one with .ci/install_deepspeed.sh).
@@ -88,6 +89,14 @@ def _load_with_deepspeed(py: str, load_dir: Path, dump: Path, *, world: int, sta
     return torch.load(dump, weights_only=True)
 
 
+def _load_state(path: Path):  # noqa: ANN202 - torch is imported lazily
+    """A universal state file: {'param': T, ...} or a bare (ZeRO-3: flat) tensor."""
+    import torch
+
+    obj = torch.load(path, weights_only=True)
+    return obj["param"] if isinstance(obj, dict) else obj
+
+
 CASES = [
     # (source fixture, ZeRO stage at load, model dtype at load, world size at load)
     ("z2_fp32_ws2", 2, "fp32", 1),
@@ -116,10 +125,12 @@ def test_deepspeed_loads_our_universal(ds_python: str, converted: dict[str, Path
         assert torch.equal(got["fp32"][name], ref), f"{name}: fp32 master differs from reference_fp32.pt"
         assert torch.equal(got["lp"][name], ref.to(model_dtype)), f"{name}: module weight is not the master"
         for state in STATES:
-            ours = torch.load(out / tag / "zero" / name / f"{state}.pt", weights_only=True)
-            ours = ours["param"] if isinstance(ours, dict) else ours
             assert got[state][name] is not None, f"{name}: DeepSpeed restored no {state}"
+            ours = _load_state(out / tag / "zero" / name / f"{state}.pt")
             assert torch.equal(got[state][name], ours.reshape(ref.shape)), f"{name}: {state} differs from ours"
+            # independent oracle: what DeepSpeed's own ds_to_universal wrote for this fixture
+            theirs = _load_state(src / "expected" / "universal" / tag / "zero" / name / f"{state}.pt")
+            assert torch.equal(got[state][name], theirs.reshape(ref.shape)), f"{name}: {state} != ds_to_universal's"
             assert got[state][name].abs().sum() > 0, f"{name}: {state} is all zeros (not restored)"
     iteration = int(tag.removeprefix("global_step").removesuffix("_universal"))
     assert got["global_steps"] == iteration

@@ -268,3 +268,19 @@ def test_uneven_pipeline_offsets(tmp_path) -> None:
         assert {s.pp for s in p.shards} == {0 if g == 0 else 1}
         assert float(read_tensor(p.fragments[0].tensor)[0, 0]) == (0 if g == 0 else g - 1)
     assert any("decoder_first_pipeline_num_layers=2" in w for w in run(2).warnings)
+
+
+def test_inconsistent_tensor_parallel_ranks(tmp_path) -> None:
+    """Synthetic: a replicated norm whose shape differs on tp rank 1, then a parameter missing on tp rank 1."""
+    args = _ns(num_layers=1, tensor_model_parallel_size=2)
+    bad = _layer(0)
+    bad["decoder.layers.0.self_attention.linear_qkv.layer_norm_weight"] = torch.ones(8)
+    _write(tmp_path / "shape", {"mp_rank_00": {"args": args, "model": _layer(0)},
+                                "mp_rank_01": {"args": args, "model": bad}})
+    with pytest.raises(CheckpointError, match=r"mp_rank_01.*layer_norm_weight: shape \[8\] on tp rank 1"):
+        _read(str(tmp_path / "shape"))
+    less = {k: v for k, v in _layer(0).items() if "layer_norm" not in k}
+    _write(tmp_path / "missing", {"mp_rank_00": {"args": args, "model": _layer(0)},
+                                  "mp_rank_01": {"args": args, "model": less}})
+    with pytest.raises(CheckpointError, match=r"layer_norm_weight: no tensor on tp rank\(s\) \[1\]"):
+        _read(str(tmp_path / "missing"))

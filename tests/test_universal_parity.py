@@ -27,8 +27,9 @@ def _convert(case: str, out: str) -> str:
 
 def _values_equal(expected, got) -> bool:
     if isinstance(expected, dict):
-        return (isinstance(got, dict) and torch.equal(expected["param"], got["param"])
-                and {k: v for k, v in expected.items() if k != "param"} == {k: v for k, v in got.items() if k != "param"})
+        extra_e = {k: v for k, v in expected.items() if k != "param"}
+        extra_g = {k: v for k, v in got.items() if k != "param"} if isinstance(got, dict) else None
+        return isinstance(got, dict) and torch.equal(expected["param"], got["param"]) and extra_e == extra_g
     if torch.is_tensor(expected):  # DeepSpeed's ZeRO-3 path writes bare flat tensors: compare values
         g = got["param"] if isinstance(got, dict) else got
         return torch.equal(expected.flatten(), g.flatten()) if expected.dim() else torch.equal(expected, g)

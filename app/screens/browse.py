@@ -14,7 +14,7 @@ from textual.worker import get_current_worker
 import engine
 from engine import Checkpoint, IterationRef, Param
 
-from ..formatting import rel_path
+from ..formatting import display_path, rel_path
 from ..messages import CheckpointLoaded, RunsFound, ScanFinished, StatsComputed
 from ..widgets.layout_panel import LayoutPanel
 from ..widgets.param_browser import ParamBrowser
@@ -65,7 +65,7 @@ class BrowseScreen(ExplorerScreen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one(LayoutPanel).update(f"Scanning {self.root} …")
+        self.query_one(LayoutPanel).update(f"Scanning {display_path(self.root)} …")
         self.query_one(RunTree).focus()
         self.scan_root()
 
@@ -97,15 +97,15 @@ class BrowseScreen(ExplorerScreen):
             self._auto_opened = True
             ref = engine.pick_iteration(message.runs[0])
             tree = self.query_one(RunTree)
-            tree.move_cursor(tree.node_for(ref))
+            tree.call_after_refresh(tree.move_cursor, tree.node_for(ref))  # lines exist after the next refresh
             self.open_iteration(ref)
 
     @on(ScanFinished)
     def _scan_finished(self, message: ScanFinished) -> None:
-        status = f"{message.count} run{'s' if message.count != 1 else ''} under {self.root}"
+        status = f"{message.count} run{'s' if message.count != 1 else ''} under {display_path(self.root)}"
         self.query_one("#scan-status", Static).update(status)
         if message.count == 0:
-            self.query_one(LayoutPanel).update(f"No checkpoint found under {self.root}.")
+            self.query_one(LayoutPanel).update(f"No checkpoint found under {display_path(self.root)}.")
 
     # --- iterations ----------------------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from textual.widgets import Button, Checkbox, Input, Label, Static
 
 from engine.plan import Plan
 
-from ..formatting import size
+from ..formatting import display_path, size
 
 DEFAULT_WORKERS = max(1, min(4, os.cpu_count() or 1))
 
@@ -35,7 +35,6 @@ class ConfirmConvertModal(ModalScreen[ConvertRequest | None]):
 
     BINDINGS = [
         Binding("escape", "cancel", "Cancel", id="confirm.cancel"),
-        Binding("ctrl+s", "confirm", "Convert", id="confirm.convert"),
     ]
 
     def __init__(self, plan: Plan, destination: str) -> None:
@@ -52,7 +51,7 @@ class ConfirmConvertModal(ModalScreen[ConvertRequest | None]):
                 id="confirm-totals",
             )
             yield Label("destination", classes="form-label")
-            yield Input(self.default_destination, id="confirm-destination")
+            yield Input(display_path(self.default_destination), id="confirm-destination")
             yield Static("", id="confirm-disk")
             with Horizontal(id="confirm-options"):
                 yield Label("workers", classes="form-label")

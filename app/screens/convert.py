@@ -52,6 +52,7 @@ class ConvertScreen(ExplorerScreen):
         self.last_at: float | None = None
         self._in_flight: dict[int, int] = {}  # worker -> bytes done of its current item
         self._item_worker: dict[str, int] = {}
+        self._finished_items: set[str] = set()  # the pool's ITEM_DONE can overtake that item's START/PROGRESS
 
     def compose(self) -> ComposeResult:
         yield Header(icon="◆")
@@ -110,19 +111,27 @@ class ConvertScreen(ExplorerScreen):
             self.items_total = event.items_total or self.items_total
             log.write(f"plan: {event.message}")
         elif kind == EventKind.ITEM_START and event.worker is not None and event.item:
-            self._item_worker[event.item] = event.worker
-            self._in_flight[event.worker] = 0
             pane = self._pane(event.worker)
-            if pane is not None:
-                pane.start(event.item, event.bytes_total)
+            if event.item in self._finished_items:  # its DONE came first: credit the worker, stay idle
+                if pane is not None:
+                    pane.start(event.item, event.bytes_total)
+                    pane.finish()
+            else:
+                self._item_worker[event.item] = event.worker
+                self._in_flight[event.worker] = 0
+                if pane is not None:
+                    pane.start(event.item, event.bytes_total)
         elif kind == EventKind.ITEM_PROGRESS and event.worker is not None:
-            self._in_flight[event.worker] = event.bytes_done
-            pane = self._pane(event.worker)
-            if pane is not None:
-                pane.advance(event.bytes_done, event.bytes_total)
+            if event.item not in self._finished_items and self._item_worker.get(event.item or "") == event.worker:
+                self._in_flight[event.worker] = event.bytes_done
+                pane = self._pane(event.worker)
+                if pane is not None:
+                    pane.advance(event.bytes_done, event.bytes_total)
         elif kind in (EventKind.ITEM_DONE, EventKind.ITEM_SKIPPED):
             self.done_bytes = event.overall_done
             self.items_done = event.items_done
+            if event.item:
+                self._finished_items.add(event.item)
             worker = self._item_worker.pop(event.item or "", None)
             if worker is not None:
                 self._in_flight.pop(worker, None)

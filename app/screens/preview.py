@@ -26,14 +26,15 @@ KIND_LABELS = {
     "torch": "torch .bin (HF)",
     "reshard": "reshard tp / pp",
 }
-DTYPE_OPTIONS = [("float32 master weights", "float32"), ("bfloat16", "bfloat16"), ("float16", "float16")]
+# "as saved": consolidated outputs take the fp32 master weights, a reshard keeps the model dtype
+DTYPE_OPTIONS = [("as saved", "saved"), ("float32", "float32"), ("bfloat16", "bfloat16"), ("float16", "float16")]
 QUANT_OPTIONS = [("none", "none"), ("int8 (grouped)", "int8")]
 # which form fields apply to which target kind
 FIELDS = {
     "universal": {"strict"},
     "safetensors": {"dtype", "max-shard", "strict"},
     "torch": {"dtype", "max-shard", "strict"},
-    "reshard": {"dtype", "tp", "pp", "quantize", "groups", "strict"},
+    "reshard": {"tp", "pp", "quantize", "groups", "strict"},
 }
 
 
@@ -64,7 +65,7 @@ class PreviewScreen(ExplorerScreen):
                     for kind in KINDS:
                         yield RadioButton(KIND_LABELS[kind], value=kind == self.kind, name=kind)
                 yield Label("dtype", classes="form-label", id="label-dtype")
-                yield Select(DTYPE_OPTIONS, value="float32", allow_blank=False, id="field-dtype", compact=True)
+                yield Select(DTYPE_OPTIONS, value="saved", allow_blank=False, id="field-dtype", compact=True)
                 yield Label("tp × pp", classes="form-label", id="label-tp")
                 with Horizontal(id="degrees-row"):
                     yield Input(str(deg.tp), type="integer", id="field-tp", compact=True)
@@ -94,9 +95,10 @@ class PreviewScreen(ExplorerScreen):
 
     def read_target(self) -> Target:
         quantize = self.query_one("#field-quantize", Select).value
+        dtype = self.query_one("#field-dtype", Select).value
         return make_target(
             self.kind,
-            dtype=str(self.query_one("#field-dtype", Select).value),
+            dtype=None if dtype == "saved" else str(dtype),
             tp=self.query_one("#field-tp", Input).value,
             pp=self.query_one("#field-pp", Input).value,
             quantize=None if quantize == "none" else str(quantize),

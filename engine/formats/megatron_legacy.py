@@ -250,12 +250,12 @@ class _Reader:
             raise CheckpointError(path, "no 'model' (or 'model0'...) state dict")
         return chunks
 
-    def _flatten(self, d: Mapping[str, Any], path: str, prefix: str = "") -> dict[str, TensorRef]:
+    def _flatten(self, d: Mapping[str, Any], prefix: str = "") -> dict[str, TensorRef]:
         out: dict[str, TensorRef] = {}
         for key, value in d.items():
             name = f"{prefix}{key}"
             if isinstance(value, Mapping):
-                out.update(self._flatten(value, path, name + "."))
+                out.update(self._flatten(value, name + "."))
             elif isinstance(value, TensorRef) and not name.endswith("_extra_state"):
                 out[name] = value
         return out
@@ -264,7 +264,7 @@ class _Reader:
                 meta: Mapping[str, Any]) -> tuple[Param, ...]:
         flat: dict[tuple[int, int, int], list[tuple[int, dict[str, TensorRef]]]] = {}
         for key, st in states.items():
-            flat[key] = [(vp, self._flatten(sd, st["path"])) for vp, sd in self._chunks(st["obj"], st["path"])]
+            flat[key] = [(vp, self._flatten(sd)) for vp, sd in self._chunks(st["obj"], st["path"])]
         offsets = self._layer_offsets(flat, deg, meta)
         experts_per_rank = self._experts_per_rank(flat, deg)
         entries: dict[str, dict[tuple[int, int], TensorRef]] = {}
@@ -293,11 +293,12 @@ class _Reader:
         spec = classify_megatron(name, tp=deg.tp, **rule_args(meta))
         ranks = sorted(by_rank)
         pp = ranks[0][1]
-        refs = [by_rank.get((t, pp)) for t in range(deg.tp)]
-        missing = [t for t, r in enumerate(refs) if r is None]
+        found = [by_rank.get((t, pp)) for t in range(deg.tp)]
+        missing = [t for t, r in enumerate(found) if r is None]
         if missing:
             raise CheckpointError(self.ref.path, f"{name}: no tensor on tp rank(s) {missing} of pipeline stage {pp}")
-        shapes = [tuple(r.shape) for r in refs]  # type: ignore[union-attr]
+        refs = [r for r in found if r is not None]
+        shapes = [tuple(r.shape) for r in refs]
         self._check_shapes(name, spec, shapes, refs)
         shape = global_shape(spec, shapes)
         padded = None
@@ -307,15 +308,15 @@ class _Reader:
         flags = []
         if spec.rule == TpRule.UNKNOWN:
             flags.append("unknown name: default dim-0 rule")
-        frags = tuple(Fragment("weight", r, 0, r.numel, 0, tp=t, pp=pp) for t, r in enumerate(refs))  # type: ignore
-        dtypes = {r.dtype for r in refs}  # type: ignore[union-attr]
-        return Param(name=name, shape=shape, dtype=refs[0].dtype, shards=tuple(Shard(t, pp, s)  # type: ignore
-                                                                                 for t, s in enumerate(shapes)),
-                     partition_dim=spec.dim, rule=spec.rule.value, tied_to=self._tied_to(name, meta, all_names),
-                     fragments=frags, padded_shape=padded,
-                     flags=tuple(flags + (["tensor-parallel ranks disagree on dtype"] if len(dtypes) > 1 else [])))
+        if len({r.dtype for r in refs}) > 1:
+            flags.append("tensor-parallel ranks disagree on dtype")
+        return Param(name=name, shape=shape, dtype=refs[0].dtype,
+                     shards=tuple(Shard(t, pp, s) for t, s in enumerate(shapes)), partition_dim=spec.dim,
+                     rule=spec.rule.value, tied_to=self._tied_to(name, meta, all_names),
+                     fragments=tuple(Fragment("weight", r, 0, r.numel, 0, tp=t, pp=pp) for t, r in enumerate(refs)),
+                     padded_shape=padded, flags=tuple(flags))
 
-    def _check_shapes(self, name: str, spec: TpSpec, shapes: list[tuple[int, ...]], refs: list[Any]) -> None:
+    def _check_shapes(self, name: str, spec: TpSpec, shapes: list[tuple[int, ...]], refs: list[TensorRef]) -> None:
         for t, s in enumerate(shapes[1:], 1):
             other = [i for i in range(len(s)) if i != spec.dim]
             if len(s) != len(shapes[0]) or any(s[i] != shapes[0][i] for i in other):
