@@ -294,6 +294,12 @@ def print_plan(plan: Any, dst: str) -> None:
             shapes += f" … ({len(item.target_shapes)} ranks)"
         rows.append((item.name, item.rule, shapes, _size(item.read_bytes), _size(item.write_bytes),
                      "; ".join(item.flags)))
+        for t in item.args.get("tensors") or ():  # a file item of a reshard: one row per tensor it writes
+            spec = t.get("spec")
+            label = t.get("label") or (spec.label if spec is not None else "")
+            local = t.get("local")
+            shape = "×".join(map(str, local)) if isinstance(local, (tuple, list)) else str(local or "")
+            rows.append(("  · " + str(t.get("name") or t.get("key")), label, shape, "", "", ""))
     widths = [min(max(len(r[i]) for r in rows), 60) for i in range(5)]
     for r in rows:
         print("  " + "  ".join(c[:60].ljust(w) for c, w in zip(r[:5], widths)) + ("  " + r[5] if r[5] else ""))
@@ -347,9 +353,37 @@ def cmd_convert(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, previous)
         bar.close()
     print(result.summary)
+    if plan.target.kind == "reshard" and plan.target.quantize:
+        print_quant_report(result.dst)
     for w in plan.warnings:
         print(f"warning: {w}", file=sys.stderr)
     return EXIT_OK
+
+
+def print_quant_report(dst: str) -> None:
+    """The per-weight int8 dequantization errors the reshard recorded in each rank file's quantization entry."""
+    from engine.quantize import QUANT_ENTRY
+    from engine.safe_unpickle import load_torch_metadata
+
+    rows = []
+    for d, _, files in sorted(os.walk(dst)):
+        for f in sorted(files):
+            if not f.endswith(".pt"):
+                continue
+            obj = load_torch_metadata(os.path.join(d, f)).obj
+            entry = obj.get(QUANT_ENTRY) if isinstance(obj, dict) else None
+            for name, e in ((entry or {}).get("errors") or {}).items():
+                rows.append((os.path.relpath(os.path.join(d, f), dst), name, e["max"], e["mean"], e["bound"]))
+    if not rows:
+        return
+    print(f"int8 dequantization error ({len(rows)} weights; bound = max|w|/127):")
+    width = min(max(len(r[1]) for r in rows), 70)
+    print(f"  {'file':<32}  {'weight':<{width}}  {'max abs':>10}  {'mean abs':>10}  {'bound':>10}")
+    for file, name, mx, mean, bound in rows:
+        print(f"  {file[-32:]:<32}  {name[-width:]:<{width}}  {mx:>10.3e}  {mean:>10.3e}  {bound:>10.3e}")
+    worst = max(rows, key=lambda r: r[2] / r[4] if r[4] else 0.0)
+    print(f"worst: {worst[1]} max error {worst[2]:.3e} = {worst[2] / worst[4]:.3f} of its bound"
+          if worst[4] else f"worst: {worst[1]} max error {worst[2]:.3e}")
 
 
 class _ProgressBar:

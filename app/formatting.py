@@ -91,3 +91,13 @@ def middle_truncate(text: str, width: int) -> str:
     keep = width - 1
     head = keep // 3
     return text[:head] + "…" + text[len(text) - (keep - head):]
+
+
+def shorten_names(names: list[str], width: int) -> list[str]:
+    """Fit names into `width`: first drop the suffix they all share (file names differ in the middle), then elide."""
+    if all(len(n) <= width for n in names):
+        return list(names)
+    suffix = os.path.commonprefix([n[::-1] for n in names])[::-1] if len(names) > 1 else ""
+    if len(suffix) >= 4 and all(len(n) > len(suffix) for n in names):
+        names = [n[: len(n) - len(suffix)] + "…" for n in names]
+    return [middle_truncate(n, width) for n in names]

@@ -59,7 +59,7 @@ class CkptExplorerApp(App[None]):
 
         def start(request: ConvertRequest | None) -> None:
             if request is not None:
-                self.push_screen(ConvertScreen(plan, request, self.root), partial(self._conversion_closed, request))
+                self.push_screen(ConvertScreen(plan, request), partial(self._conversion_closed, request))
 
         self.push_screen(ConfirmConvertModal(plan, destination), start)
 

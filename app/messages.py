@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from textual.message import Message
 
@@ -11,9 +10,6 @@ from engine import Checkpoint, IterationRef, Run
 from engine.execute import ExecResult
 from engine.plan import Plan
 from engine.progress import EventKind, ProgressEvent
-
-if TYPE_CHECKING:
-    from .param_stats import ParamStats
 
 
 @dataclass
@@ -45,7 +41,7 @@ class StatsComputed(Message, bubble=False):
 
     checkpoint_path: str
     param_name: str
-    stats: ParamStats
+    stats: object  # an engine.stats.ParamStats
 
 
 @dataclass

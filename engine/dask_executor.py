@@ -33,6 +33,7 @@ INSTALL_HINT = "running on a Dask cluster needs the 'distributed' package: insta
 CHECK_SAMPLE = 256  # input files each worker opens before any work
 PROGRESS_INTERVAL = 0.25  # seconds between two ITEM_PROGRESS events of one task
 MARKER = ".ckpt-explorer-check"
+WINDOW_PER_THREAD, WINDOW_EXTRA = 2, 2  # items in flight: per worker thread, plus
 
 _stopped: set[str] = set()  # run tokens a client has stopped (worker-process state, set through client.run)
 
@@ -281,7 +282,7 @@ class _Run:
         self.pending: set[Future] = set()
         self.failure: BaseException | None = None
         self.interrupted: str | None = None
-        self.slots = max(1, sum(start_workers.values()))
+        self.window = self._window(start_workers)
         self.watched = time.monotonic()
         self.no_workers_since: float | None = None
 
@@ -294,7 +295,7 @@ class _Run:
             while True:
                 if time.monotonic() - self.watched > 2.0:
                     self._watch()
-                while pos < len(todo) and len(self.pending) < 2 * self.slots and not self._stopping():
+                while pos < len(todo) and len(self.pending) < self.window and not self._stopping():
                     self._submit(todo[pos])
                     pos += 1
                 if not self.pending:
@@ -319,6 +320,11 @@ class _Run:
                 raise Cancelled()
             raise CheckpointError(self.ex.address, f"{len(self.items) - len(self.finished)} items did not run")
         self._sweep()
+
+    @staticmethod
+    def _window(nthreads: dict[str, int]) -> int:
+        """Items in flight: enough to hide the client-scheduler-worker round trip, few enough to stop quickly."""
+        return WINDOW_PER_THREAD * max(1, sum(nthreads.values())) + WINDOW_EXTRA
 
     def _stopping(self) -> bool:
         return self.cancel.is_set() or self.failure is not None or self.interrupted is not None
@@ -360,7 +366,7 @@ class _Run:
         except Exception as exc:  # any failure to reach the scheduler
             self.interrupted = f"lost the Dask scheduler {self.ex.address} ({exc}); finish with --resume"
             return
-        self.slots = max(1, sum(nthreads.values()))
+        self.window = self._window(nthreads)
         if nthreads:
             self.no_workers_since = None
         elif self.no_workers_since is None:

@@ -104,8 +104,8 @@ class ItemExecutor(ABC):
 
     @abstractmethod
     def run(self, items: list[PlanItem], root: str, emit: Emit, cancel: threading.Event,
-            on_done: Callable[[PlanItem, int], None]) -> None:
-        """Run every item; call on_done(item, bytes) as each finishes. Raise Cancelled if cancelled."""
+            on_done: Callable[..., None]) -> None:
+        """Run every item; call on_done(item, bytes, worker) as each finishes. Raise Cancelled if cancelled."""
 
 
 _progress_queue: mp.SimpleQueue | None = None
@@ -149,7 +149,7 @@ class LocalPoolExecutor(ItemExecutor):
                 emit(ProgressEvent(EventKind.ITEM_START, worker=0, item=item.id, bytes_total=item.write_bytes))
                 written = run_item(item, root, lambda d, it=item: emit(ProgressEvent(
                     EventKind.ITEM_PROGRESS, worker=0, item=it.id, bytes_done=d, bytes_total=it.write_bytes)))
-                on_done(item, written)
+                on_done(item, written, 0)
             return
         method = "fork" if threading.active_count() == 1 and "fork" in mp.get_all_start_methods() else "forkserver"
         ctx = mp.get_context(method)
@@ -187,16 +187,16 @@ class LocalPoolExecutor(ItemExecutor):
                     break
                 done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
                 for fut in done:
-                    item_id, written, _ = fut.result()
-                    on_done(by_id[item_id], written)
+                    item_id, written, worker = fut.result()
+                    on_done(by_id[item_id], written, worker)
                 if cancel.is_set():
                     for fut in pending:
                         fut.cancel()
                     wait(pending)
                     for fut in pending:
                         if not fut.cancelled() and fut.exception() is None:
-                            item_id, written, _ = fut.result()
-                            on_done(by_id[item_id], written)
+                            item_id, written, worker = fut.result()
+                            on_done(by_id[item_id], written, worker)
                     raise Cancelled()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
@@ -263,7 +263,7 @@ def execute_plan(plan: Plan, dst: str, *, workers: int | None = None, overwrite:
                        message=f"{items_total} items, {executor.workers} workers", time=time.time()))
     journal = open(os.path.join(work, JOURNAL), "a", encoding="utf-8")
 
-    def on_done(item: PlanItem, written: int) -> None:
+    def on_done(item: PlanItem, written: int, worker: int | None = None) -> None:
         sizes = {rel: os.path.getsize(os.path.join(work, rel)) for rel in item.outputs
                  if os.path.exists(os.path.join(work, rel))}
         with lock:
@@ -271,9 +271,9 @@ def execute_plan(plan: Plan, dst: str, *, workers: int | None = None, overwrite:
             journal.flush()
             state["bytes"] += item.write_bytes
             state["items"] += 1
-            emit(ProgressEvent(EventKind.ITEM_DONE, item=item.id, bytes_done=written, bytes_total=item.write_bytes,
-                               overall_done=state["bytes"], overall_total=total, items_done=state["items"],
-                               items_total=items_total))
+            emit(ProgressEvent(EventKind.ITEM_DONE, worker=worker, item=item.id, bytes_done=written,
+                               bytes_total=item.write_bytes, overall_done=state["bytes"], overall_total=total,
+                               items_done=state["items"], items_total=items_total, time=time.time()))
 
     try:
         todo: list[PlanItem] = []
@@ -294,7 +294,7 @@ def execute_plan(plan: Plan, dst: str, *, workers: int | None = None, overwrite:
             raise Cancelled()
         for item in plan.finalize:
             emit(ProgressEvent(EventKind.ITEM_START, worker=0, item=item.id, bytes_total=item.write_bytes))
-            on_done(item, run_item(item, work))
+            on_done(item, run_item(item, work), 0)
     except Cancelled:
         journal.close()
         emit(ProgressEvent(EventKind.CANCELLED, overall_done=state["bytes"], overall_total=total,

@@ -109,6 +109,10 @@ def plan_conversion(ckpt: Checkpoint, target: Target) -> Plan:
         raise PlanError(f"unknown target {target.kind!r} (choose from {', '.join(TARGET_KINDS)})")
     if target.dtype is not None and target.dtype not in DTYPES.values():
         raise PlanError(f"unknown dtype {target.dtype!r}")
+    if target.quantize is not None and target.kind != "reshard":
+        raise PlanError("int8 quantization applies to `reshard` (Megatron weights), not to this conversion")
+    if target.dtype is not None and target.kind not in ("safetensors", "torch"):
+        raise PlanError("--dtype applies to consolidated exports (safetensors/torch); a reshard keeps the dtype")
     if target.kind == "universal":
         from .plan_universal import plan_universal
 

@@ -177,6 +177,9 @@ class RestrictedUnpickler(pickle.Unpickler):
         self._rebuild_v2 = _Guarded(self._rebuild_tensor, "torch._utils._rebuild_tensor_v2")
         self._rebuild_v3 = _Guarded(self._rebuild_tensor_v3, "torch._utils._rebuild_tensor_v3")
         self._from_type = _Guarded(self._rebuild_from_type, "torch._tensor._rebuild_from_type_v2")
+        self._stubs: dict[int, dict[str, Any]] = {}
+        self._keep: list[StorageStub] = []  # keeps ids in _stubs unique while loading
+        self._refs: list[tuple[TensorRef, dict[str, Any]]] = []
 
     # torch.save writes ('storage', StorageClass, key, location, numel)
     def persistent_load(self, pid: Any) -> Any:
@@ -191,24 +194,33 @@ class RestrictedUnpickler(pickle.Unpickler):
             raise CheckpointError(self.path, f"storage key {_brief(key)} is not a short string")
         if type(numel) is not int or numel < 0:
             raise CheckpointError(self.path, f"storage {key!r} has an invalid element count {_brief(numel)}")
-        return StorageStub(key, dtype, numel)
+        return self._stub(key, dtype, numel)
+
+    def _stub(self, key: str, dtype: str, numel: int) -> StorageStub:
+        stub = StorageStub(key, dtype, numel)
+        self._stubs[id(stub)] = dict(stub.__dict__)  # BUILD could rewrite a frozen dataclass through __dict__
+        self._keep.append(stub)
+        return stub
+
+    def _pristine(self, storage: Any) -> StorageStub:
+        if type(storage) is not StorageStub or storage.__dict__ != self._stubs.get(id(storage)):
+            raise CheckpointError(self.path, "tensor rebuild without a (pristine) storage record")
+        return storage
 
     def _rebuild_tensor_v3(self, storage: Any, storage_offset: Any, size: Any, stride: Any, requires_grad: Any = None,
                            hooks: Any = None, dtype: Any = None, *rest: Any) -> TensorRef:
         # v3 pickles an untyped storage (numel counted in bytes) and names the dtype explicitly.
         if not isinstance(dtype, DType) or dtype not in ITEMSIZE:
             raise CheckpointError(self.path, f"tensor has an unsupported dtype {_brief(dtype)}")
-        if not isinstance(storage, StorageStub):
-            raise CheckpointError(self.path, "tensor rebuild without a storage record")
+        storage = self._pristine(storage)
         itemsize = ITEMSIZE[dtype]
         if storage.dtype != "uint8" and storage.dtype != str(dtype):
             raise CheckpointError(self.path, f"storage {storage.key} is {storage.dtype}, its tensor says {dtype}")
         numel = storage.numel // itemsize if storage.dtype == "uint8" else storage.numel
-        return self._rebuild_tensor(StorageStub(storage.key, str(dtype), numel), storage_offset, size, stride)
+        return self._rebuild_tensor(self._stub(storage.key, str(dtype), numel), storage_offset, size, stride)
 
     def _rebuild_tensor(self, storage: Any, storage_offset: Any, size: Any, stride: Any, *rest: Any) -> TensorRef:
-        if not isinstance(storage, StorageStub):
-            raise CheckpointError(self.path, "tensor rebuild without a storage record")
+        storage = self._pristine(storage)
         key = storage.key
         if (type(storage_offset) is not int or not isinstance(size, (tuple, list))
                 or not isinstance(stride, (tuple, list)) or not _INTS.issuperset(map(type, size))
@@ -244,7 +256,15 @@ class RestrictedUnpickler(pickle.Unpickler):
         ref = TensorRef(self.path, key, storage.dtype, tuple(size), tuple(stride), storage_offset, storage.numel,
                         self.base_offset, self.zip_dir.length if self.zip_dir is not None else None)
         self.report.tensors.append(ref)
+        self._refs.append((ref, dict(ref.__dict__)))
         return ref
+
+    def check_refs(self) -> None:
+        """BUILD on a TensorRef (a frozen dataclass, but its __dict__ is writable) would change it after the
+        checks above: refuse any TensorRef that is no longer what _rebuild_tensor made."""
+        for ref, fields in self._refs:
+            if ref.__dict__ != fields:
+                raise CheckpointError(self.path, f"pickle modifies the tensor in storage {fields['storage_key']}")
 
     def _rebuild_from_type(self, func: Any, new_type: Any, args: Any, state: Any = None) -> Any:
         if (func is self._rebuild_v2 or func is self._rebuild_v3) and type(args) is tuple:
@@ -393,7 +413,7 @@ def scan_opcodes(data: bytes, path: str) -> None:
 
 # -- object graph post-scan -------------------------------------------------------------------------
 _LEAF_TYPES = frozenset({str, bytes, int, float, bool, type(None), TensorRef, StorageStub, bytearray, complex, slice,
-                         _Guarded, DType, type})
+                         _Guarded, type, type(S.StandIn)})  # classes: builtin types and stand-in classes
 
 
 def check_graph(obj: Any, path: str) -> None:
@@ -417,12 +437,19 @@ def check_graph(obj: Any, path: str) -> None:
         active.add(nid)
         total, height = 1, 0
         t = type(node)
-        if t is dict or t is OrderedDict:
+        if t is dict:
             parts: tuple[Any, ...] = (node.keys(), node.values())
         elif t is list or t is tuple:
             parts = (node,)
+        elif isinstance(node, type):  # a class left in the data (e.g. a dtype class): no children
+            parts = ()
         else:
             parts = _parts(node)
+            if not isinstance(node, S.StandIn):
+                extra = getattr(node, "__dict__", None)
+                if extra:  # set by BUILD, e.g. a state dict's `_metadata`
+                    _check_attributes(t, extra, path)
+                    parts = (*parts, extra.values())
         for part in parts:
             for kid in part:
                 if type(kid) in leaf_types:
@@ -442,15 +469,24 @@ def check_graph(obj: Any, path: str) -> None:
         walk(obj, 0)
 
 
+def _check_attributes(cls: type, attrs: dict[Any, Any], path: str) -> None:
+    """BUILD may add attributes to an OrderedDict, Size or DType instance (torch state dicts carry `_metadata`),
+    but none may shadow an attribute of the class (`od.items = ...` would break or fool every reader)."""
+    for key in attrs:
+        if type(key) is not str or key.startswith("__") or hasattr(cls, key):
+            raise CheckpointError(path, f"pickle sets attribute {_brief(key)} on a {cls.__name__} object")
+
+
 def _parts(node: Any) -> tuple[Any, ...]:
+    if isinstance(node, (str, bytes)):
+        return ()
     if isinstance(node, dict):
         return (node.keys(), node.values())
     if isinstance(node, (list, tuple, set, frozenset)):
         return (node,)
     if isinstance(node, S.StandIn):
         return (node.__dict__.values(),)
-    d = getattr(node, "__dict__", None)  # e.g. attributes BUILD put on an OrderedDict instance
-    return (d.values(),) if isinstance(d, dict) else ()
+    return ()
 
 
 @dataclass
@@ -474,6 +510,7 @@ def unpickle_bytes(data: bytes, path: str, zip_dir: TorchZip | None = None, base
     unpickler = RestrictedUnpickler(data, path, zip_dir, report, base_offset, storages=storages)
     try:
         obj = unpickler.load()
+        unpickler.check_refs()
     except CheckpointError:
         raise
     except RecursionError:

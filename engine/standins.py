@@ -213,10 +213,12 @@ _cache: dict[tuple[type, str], type] = {}
 
 
 def standin_class(base: type[StandIn], qualname: str) -> type[StandIn]:
-    """A subclass of `base` named after `qualname` (cached, so identical names share one class)."""
+    """A subclass of `base` named after `qualname` (cached, so identical names share one class; the cache is
+    bounded so a stream of hostile files naming endless globals cannot grow it without limit)."""
     key = (base, qualname)
     cls = _cache.get(key)
     if cls is None:
-        cls = type(qualname.rsplit(".", 1)[-1], (base,), {"qualname": qualname})
-        _cache[key] = cls
+        cls = _FrozenClass(qualname.rsplit(".", 1)[-1], (base,), {"qualname": qualname})
+        if len(_cache) < 20_000:
+            _cache[key] = cls
     return cls

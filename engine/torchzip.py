@@ -20,6 +20,24 @@ _TAIL = 4096  # the end record sits at the very end (torch writes no zip comment
 _SMALL = 16384  # files up to this size are read whole in one call (directory and pickle together)
 
 
+def _read_exact(fh, size: int) -> bytes:
+    """Up to `size` bytes (fewer only at the end of the file) from an unbuffered file."""
+    if size <= 0:
+        return b""
+    data = fh.read(size)
+    if data is None or len(data) == size or not data:
+        return data or b""
+    parts = [data]
+    got = len(data)
+    while got < size:
+        more = fh.read(size - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
 @dataclass(frozen=True)
 class ZipRecord:
     """One stored (uncompressed) member of a torch zip file."""
@@ -51,7 +69,7 @@ class TorchZip:
         self._tail = b""  # the last bytes of the zip, kept to serve small records without another read
         self._tail_start = 0  # offset of _tail inside the zip
         try:
-            with open(self.path, "rb") as fh:
+            with open(self.path, "rb", buffering=0) as fh:  # unbuffered: read only what is asked
                 self._read_directory(fh)
         except OSError as exc:
             raise CheckpointError(self.path, f"cannot read ({exc.strerror or exc})") from None
@@ -66,7 +84,7 @@ class TorchZip:
             raise CheckpointError(self.path, "file is too small to be a torch checkpoint (truncated?)")
         tail_len = self.length if self.length <= _SMALL else _TAIL
         fh.seek(self.base + self.length - tail_len)
-        tail = fh.read(tail_len)
+        tail = _read_exact(fh, tail_len)
         self.bytes_read += len(tail)
         if len(tail) != tail_len:
             raise CheckpointError(self.path, "file is shorter than its size says (changed while reading?)")
@@ -74,7 +92,7 @@ class TorchZip:
         pos = tail.rfind(_EOCD_SIG, max(0, len(tail) - 22 - 0xFFFF))
         if pos < 0 or pos + 22 > len(tail):
             fh.seek(self.base)
-            head = fh.read(8)
+            head = _read_exact(fh, 8)
             self.bytes_read += len(head)
             if head[:1] == b"\x80":
                 raise CheckpointError(
@@ -117,7 +135,7 @@ class TorchZip:
             head = self._read_at(fh, offset, tail_start - offset)
             return head + tail[: end - tail_start] if len(head) == tail_start - offset else head
         fh.seek(self.base + offset)
-        data = fh.read(size)
+        data = _read_exact(fh, size)
         self.bytes_read += len(data)
         return data
 
@@ -191,7 +209,7 @@ class TorchZip:
 
     def _read_span(self, offset: int, size: int) -> bytes:
         try:
-            with open(self.path, "rb") as fh:
+            with open(self.path, "rb", buffering=0) as fh:  # unbuffered: read only what is asked
                 return self._read_at(fh, offset, size)
         except OSError as exc:
             raise CheckpointError(self.path, f"cannot read ({exc.strerror or exc})") from None

@@ -11,6 +11,8 @@ import pytest
 
 # Read by Textual when it is first imported: snapshot tests need a screen without animations in flight.
 os.environ.setdefault("TEXTUAL_ANIMATIONS", "none")
+# Tiny tensors: one intra-op thread is fastest and keeps runtimes independent of machine load.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -54,3 +56,42 @@ def copy_checkpoints(root, names=tuple(APP_FIXTURES)):
 def ckpt_root(tmp_path):
     """tmp_path/ckpts holding the z2 fp32 DeepSpeed run and the tp2×pp2 Megatron-DeepSpeed run."""
     return copy_checkpoints(tmp_path / "ckpts")
+
+
+@pytest.fixture
+def snapshot_root(tmp_path, monkeypatch):
+    """tmp_path/ckpts as above, with tmp_path as the working directory (the app then shows paths as 'ckpts/...')."""
+    copy_checkpoints(tmp_path / "ckpts")
+    monkeypatch.chdir(tmp_path)
+    return "ckpts"
+
+
+async def _settle(pilot) -> None:
+    """Wait until the app is idle: screens mounted, every worker finished, every posted message handled.
+
+    A key press can push a screen whose on_mount starts a worker only after the press returns, so one
+    `wait_for_complete` is not enough; a worker that failed is the app's to report (tests look at the modal).
+    """
+    from textual.widgets import Input
+    from textual.worker import WorkerFailed
+
+    app = pilot.app
+    for _ in range(200):
+        await pilot.pause()
+        if all(worker.is_finished for worker in app.workers):
+            await pilot.pause()
+            if all(worker.is_finished for worker in app.workers):
+                break
+        try:
+            await app.workers.wait_for_complete()
+        except WorkerFailed:
+            pass
+    for widget in app.screen.query(Input):
+        widget.cursor_blink = False  # a blinking cursor would make screenshots differ
+    await pilot.pause()
+
+
+@pytest.fixture
+def settle():
+    """`await settle(pilot)`: the app's workers are done and their messages handled (no sleeps)."""
+    return _settle

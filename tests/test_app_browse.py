@@ -9,13 +9,14 @@ import pytest
 import torch
 from rich.console import Console
 from textual.widgets import DataTable, Input, Static
-from textual.worker import WorkerFailed
 
 import engine
 from app.main_app import make_app
 from app.messages import CheckpointLoaded, RunsFound, ScanFinished, StatsComputed
 from app.screens.browse import BrowseScreen
 from app.screens.error_modal import ErrorModal
+from app.screens.help import HelpScreen
+from app.screens.preview import PreviewScreen
 from app.widgets.layout_panel import LayoutPanel
 from app.widgets.param_browser import ParamBrowser
 from app.widgets.run_tree import RunTree
@@ -31,20 +32,13 @@ def plain(content: object) -> str:
     return console.file.getvalue()  # type: ignore[attr-defined]
 
 
-async def settle(app, pilot) -> None:
-    """Wait for the app's workers (a failed one is the app's to report: the tests look at the modal)."""
-    try:
-        await app.workers.wait_for_complete()
-    except WorkerFailed:
-        pass
-    await pilot.pause()
 
 
-async def test_scan_shows_runs_and_opens_the_latest_iteration(ckpt_root):
+async def test_scan_shows_runs_and_opens_the_latest_iteration(ckpt_root, settle):
     messages: list[object] = []
     app = make_app(str(ckpt_root))
     async with app.run_test(size=SIZE, message_hook=messages.append) as pilot:
-        await settle(app, pilot)
+        await settle(pilot)
         runs = [run for m in messages if isinstance(m, RunsFound) for run in m.runs]
         assert [os.path.basename(r.root) for r in runs] == ["deepspeed-z2", "megatron-tp2-pp2"]
         assert [m.count for m in messages if isinstance(m, ScanFinished)] == [2]
@@ -64,13 +58,13 @@ async def test_scan_shows_runs_and_opens_the_latest_iteration(ckpt_root):
         assert tree.cursor_node is not None and tree.cursor_node.data == loaded[0].ref
 
 
-async def test_keyboard_opens_another_iteration_and_its_layout(ckpt_root):
+async def test_keyboard_opens_another_iteration_and_its_layout(ckpt_root, settle):
     messages: list[object] = []
     app = make_app(str(ckpt_root))
     async with app.run_test(size=SIZE, message_hook=messages.append) as pilot:
-        await settle(app, pilot)
+        await settle(pilot)
         await pilot.press("down", "down", "down", "enter")  # run → global_step10 → global_step5
-        await settle(app, pilot)
+        await settle(pilot)
         loaded = [m for m in messages if isinstance(m, CheckpointLoaded)]
         assert [m.ref.tag for m in loaded] == ["global_step3", "global_step5"]
         ckpt = loaded[-1].checkpoint
@@ -82,12 +76,12 @@ async def test_keyboard_opens_another_iteration_and_its_layout(ckpt_root):
         assert [str(child.label) for child in node.children][:2] == ["tp 2 × pp 2 × dp 1", "ZeRO-1 · bfloat16"]
 
 
-async def test_filter_and_sort_the_parameter_list(ckpt_root):
+async def test_filter_and_sort_the_parameter_list(ckpt_root, settle):
     app = make_app(str(ckpt_root))
     async with app.run_test(size=SIZE) as pilot:
-        await settle(app, pilot)
+        await settle(pilot)
         await pilot.press("down", "down", "enter")  # megatron global_step10 (latest)
-        await settle(app, pilot)
+        await settle(pilot)
         browser = app.screen.query_one(ParamBrowser)
         table = browser.table
         all_names = [p.name for p in browser.params]
@@ -116,15 +110,15 @@ async def test_filter_and_sort_the_parameter_list(ckpt_root):
         assert [p.nbytes for p in browser.visible_params()] == sorted(sizes)
 
 
-async def test_statistics_are_computed_off_the_ui_thread_and_match_torch(ckpt_root):
+async def test_statistics_are_computed_off_the_ui_thread_and_match_torch(ckpt_root, settle):
     """Pressing s on a parameter reads its fp32 fragments in a worker; compare with the reference fp32 weights."""
     messages: list[object] = []
     app = make_app(str(ckpt_root))
     async with app.run_test(size=SIZE, message_hook=messages.append) as pilot:
-        await settle(app, pilot)
+        await settle(pilot)
         await pilot.press("tab", "tab")  # tree → filter → parameter table
         await pilot.press("down", "s")
-        await settle(app, pilot)
+        await settle(pilot)
         stats = [m for m in messages if isinstance(m, StatsComputed)]
         assert len(stats) == 1
         name = stats[0].param_name
@@ -141,24 +135,59 @@ async def test_statistics_are_computed_off_the_ui_thread_and_match_torch(ckpt_ro
         assert f"{got.norm:.4g}" in shown
 
 
-async def test_missing_root_is_an_error_modal_not_a_traceback(tmp_path):
+async def test_missing_root_is_an_error_modal_not_a_traceback(tmp_path, settle):
     app = make_app(str(tmp_path / "nope"))
     async with app.run_test(size=SIZE) as pilot:
-        await settle(app, pilot)
+        await settle(pilot)
         assert isinstance(app.screen, ErrorModal)
         assert app.screen.cause == f"{tmp_path / 'nope'}: no such file or directory"
         await pilot.press("escape")
         assert isinstance(app.screen, BrowseScreen)
 
 
-async def test_unreadable_checkpoint_is_reported_with_its_file(ckpt_root):
+async def test_unreadable_checkpoint_is_reported_with_its_file(ckpt_root, settle):
     """A truncated optimizer file: the read fails in the worker and the modal names the file."""
     bad = ckpt_root / "deepspeed-z2" / "global_step3" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     data = bad.read_bytes()
     bad.write_bytes(data[: len(data) // 2])
     app = make_app(str(ckpt_root))
     async with app.run_test(size=SIZE) as pilot:
-        await settle(app, pilot)
+        await settle(pilot)
         assert isinstance(app.screen, ErrorModal)
         assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in app.screen.cause
         assert "Traceback" not in app.screen.cause and "\n" not in app.screen.cause
+
+
+async def test_help_and_command_palette_reach_the_main_actions(ckpt_root, settle):
+    app = make_app(str(ckpt_root))
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+        assert isinstance(app.screen, BrowseScreen)
+        await pilot.press("ctrl+p", *"preview a conversion")
+        await settle(pilot)  # the palette searches its providers in a worker
+        await pilot.press("enter")
+        await settle(pilot)
+        assert isinstance(app.screen, PreviewScreen) and app.screen.plan is not None
+
+
+async def test_scan_posts_the_first_run_at_once_then_batches(tmp_path, settle):
+    """A root of 60 runs (480 rank files, symlinked to one real fixture): runs stream in, first one alone."""
+    src = os.path.join(FIXTURES, "deepspeed-0.19.8/tp2_z3_fp32_ws4/ckpt")
+    for i in range(60):
+        run = tmp_path / "ckpts" / f"team{i // 20}" / f"run{i:02d}"
+        for dirpath, _, files in os.walk(src):
+            target = run / os.path.relpath(dirpath, src)
+            target.mkdir(parents=True, exist_ok=True)
+            for name in files:
+                (target / name).symlink_to(os.path.join(dirpath, name))
+    messages: list[object] = []
+    app = make_app(str(tmp_path / "ckpts"))
+    async with app.run_test(size=SIZE, message_hook=messages.append) as pilot:
+        await settle(pilot)
+        batches = [m.runs for m in messages if isinstance(m, RunsFound)]
+        assert len(batches[0]) == 1  # the first screen does not wait for the walk
+        assert sum(len(b) for b in batches) == 60 == len(app.screen.query_one(RunTree).root.children)
+        assert [m.count for m in messages if isinstance(m, ScanFinished)] == [60]

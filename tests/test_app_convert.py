@@ -8,7 +8,6 @@ import time
 
 import torch
 from textual.widgets import DataTable, Input, Static
-from textual.worker import WorkerFailed
 
 import engine
 from app.main_app import make_app
@@ -28,12 +27,6 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 EXPECTED_UNIVERSAL = os.path.join(FIXTURES, "deepspeed-0.19.8/z2_fp32_ws2/expected/universal/global_step3_universal")
 
 
-async def settle(app, pilot) -> None:
-    try:
-        await app.workers.wait_for_complete()
-    except WorkerFailed:
-        pass
-    await pilot.pause()
 
 
 async def wait_for(pilot, predicate, timeout: float = 120.0) -> None:
@@ -45,20 +38,26 @@ async def wait_for(pilot, predicate, timeout: float = 120.0) -> None:
 
 
 async def type_into(pilot, text: str) -> None:
-    """Replace the focused Input's text by typing (Input selects its text on focus)."""
-    await pilot.press("end", *["backspace"] * 200, *text)
+    """Replace the focused Input's text by keys: end, ctrl+u (delete to the start), then the characters."""
+    await pilot.press("end", "ctrl+u", *text)
 
 
-async def test_preview_shows_the_engines_plan_and_follows_the_form(ckpt_root):
+async def paste_into(pilot, text: str) -> None:
+    """Put a long path in the focused Input as a paste would (typing it key by key proves nothing more)."""
+    pilot.app.focused.value = text
+    await pilot.pause()
+
+
+async def test_preview_shows_the_engines_plan_and_follows_the_form(ckpt_root, settle):
     messages: list[object] = []
     app = make_app(str(ckpt_root))
     async with app.run_test(size=SIZE, message_hook=messages.append) as pilot:
-        await settle(app, pilot)
+        await settle(pilot)
         await pilot.press("down", "down", "enter")  # megatron global_step10
-        await settle(app, pilot)
+        await settle(pilot)
         ckpt = app.screen.checkpoint
         await pilot.press("p")
-        await settle(app, pilot)
+        await settle(pilot)
         screen = app.screen
         assert isinstance(screen, PreviewScreen)
         expected = plan_conversion(ckpt, Target("universal"))
@@ -66,7 +65,7 @@ async def test_preview_shows_the_engines_plan_and_follows_the_form(ckpt_root):
         assert screen.query_one("#plan-table", DataTable).row_count == len(expected.all_items)
 
         await pilot.press("down", "down", "down", "enter")  # radio set: universal → reshard
-        await settle(app, pilot)
+        await settle(pilot)
         assert screen.plan is not None and screen.plan.target.kind == "reshard"
         assert (screen.plan.target.tp, screen.plan.target.pp) == (2, 2)  # prefilled with the source degrees
 
@@ -75,13 +74,13 @@ async def test_preview_shows_the_engines_plan_and_follows_the_form(ckpt_root):
         await type_into(pilot, "1")
         await pilot.press("tab")
         await type_into(pilot, "1")
-        await settle(app, pilot)
+        await settle(pilot)
         assert screen.plan is not None
         assert screen.plan == plan_conversion(ckpt, Target("reshard", tp=1, pp=1))
 
         screen.query_one("#field-tp", Input).focus()
         await type_into(pilot, "3")
-        await settle(app, pilot)
+        await settle(pilot)
         failures = [m for m in messages if isinstance(m, PlanFailed)]
         assert failures and "tp=3" in failures[-1].cause
         summary = screen.query_one("#plan-summary", Static).content
@@ -90,19 +89,19 @@ async def test_preview_shows_the_engines_plan_and_follows_the_form(ckpt_root):
         assert all(m.plan.target.kind in ("universal", "reshard") for m in ready)
 
 
-async def test_convert_to_universal_with_two_workers_writes_what_deepspeed_writes(ckpt_root):
+async def test_convert_to_universal_with_two_workers_writes_what_deepspeed_writes(ckpt_root, settle):
     """The full loop by keyboard: preview, confirm (destination under the root), a process pool, rescan."""
     messages: list[object] = []
     app = make_app(str(ckpt_root))
     dst = ckpt_root / "converted"
     async with app.run_test(size=SIZE, message_hook=messages.append) as pilot:
-        await settle(app, pilot)  # deepspeed-z2/global_step3 opens by itself
+        await settle(pilot)  # deepspeed-z2/global_step3 opens by itself
         await pilot.press("p")
-        await settle(app, pilot)
+        await settle(pilot)
         plan = app.screen.plan
         await pilot.press("c")
         assert isinstance(app.screen, ConfirmConvertModal)
-        await type_into(pilot, str(dst))
+        await paste_into(pilot, str(dst))
         await pilot.press("tab")
         await type_into(pilot, "2")
         await pilot.press("enter")
@@ -128,7 +127,7 @@ async def test_convert_to_universal_with_two_workers_writes_what_deepspeed_write
                 assert torch.equal(got["param"], want["param"]), (name, state)
 
         await pilot.press("escape")  # back to the browser, which rescans and finds the new universal run
-        await settle(app, pilot)
+        await settle(pilot)
         assert isinstance(app.screen, BrowseScreen)
         roots = [node.data.root for node in app.screen.query_one(RunTree).root.children]
         assert str(dst) in roots
@@ -136,7 +135,7 @@ async def test_convert_to_universal_with_two_workers_writes_what_deepspeed_write
         assert str(universal_run.format) == "universal"
 
 
-async def test_cancel_keeps_the_finished_items_and_resume_skips_them(ckpt_root, monkeypatch):
+async def test_cancel_keeps_the_finished_items_and_resume_skips_them(ckpt_root, monkeypatch, settle):
     """One in-process worker; the test holds the run after 3 items until the c key has set the cancel event."""
     real_execute = convert_screen.execute_plan
     held = threading.Event()
@@ -155,12 +154,12 @@ async def test_cancel_keeps_the_finished_items_and_resume_skips_them(ckpt_root, 
     app = make_app(str(ckpt_root))
     dst = ckpt_root.parent / "out"
     async with app.run_test(size=SIZE, message_hook=messages.append) as pilot:
-        await settle(app, pilot)
+        await settle(pilot)
         await pilot.press("p")
-        await settle(app, pilot)
+        await settle(pilot)
         total = len(app.screen.plan.all_items)
         await pilot.press("c")
-        await type_into(pilot, str(dst))
+        await paste_into(pilot, str(dst))
         await pilot.press("tab")
         await type_into(pilot, "1")
         await pilot.press("enter")
@@ -175,7 +174,7 @@ async def test_cancel_keeps_the_finished_items_and_resume_skips_them(ckpt_root, 
         await pilot.press("escape")  # back on the preview: convert again with resume ticked
         assert isinstance(app.screen, PreviewScreen)
         await pilot.press("c")
-        await type_into(pilot, str(dst))
+        await paste_into(pilot, str(dst))
         await pilot.press("tab")
         await type_into(pilot, "1")
         await pilot.press("tab", "tab", "space")  # workers → overwrite → resume, ticked

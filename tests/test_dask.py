@@ -241,6 +241,28 @@ def test_cancel_then_resume(client, universal, tmp_path) -> None:
     assert_same_output(expected, dst, plan)
 
 
+def test_cluster_gone_keeps_partial_output_for_resume(universal, tmp_path) -> None:
+    plan, expected = universal
+    dst = str(tmp_path / "out")
+    with LocalCluster(n_workers=1, processes=False, threads_per_worker=1, dashboard_address=None) as cluster, \
+            Client(cluster, set_as_default=False) as c:
+        events: list[ProgressEvent] = []
+
+        def on_event(e: ProgressEvent) -> None:
+            events.append(e)
+            if e.kind == EventKind.ITEM_DONE and e.items_done == 3:
+                cluster.scale(0)  # every worker leaves mid-run (a Slurm job reached its walltime)
+
+        with pytest.raises(Cancelled):
+            execute_plan(plan, dst, executor=DaskExecutor(c, worker_timeout=1.0), on_event=on_event)
+        assert any("no Dask workers" in e.message for e in events if e.kind == EventKind.LOG)
+        assert os.path.isdir(partial_dir(dst)) and not os.path.exists(dst)
+        cluster.scale(1)
+        result = execute_plan(plan, dst, executor=DaskExecutor(c), resume=True)
+    assert 3 <= result.items_skipped < len(plan.items)
+    assert_same_output(expected, dst, plan)
+
+
 def test_path_check_names_worker_and_path(client, universal, tmp_path) -> None:
     plan, _ = universal
     worker = sorted(client.nthreads())[1]

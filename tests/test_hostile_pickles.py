@@ -266,6 +266,10 @@ def test_storage_outside_its_record(tmp_path: Path) -> None:
                                                                            U("cpu"), I(4)) + b"Q"),
         "stride 0 memory bomb": fake_tensor(T(b"\x8a\x05\x00\x00\x00\x00\x10"), T(I(0))),
         "bool as size": fake_tensor(T(b"\x88"), T(I(1))),
+        "v3 with a foreign dtype": call(G("torch._utils", "_rebuild_tensor_v3"), storage_pid(), I(0), T(I(4)), T(I(1)),
+                                        b"\x89", call(G("collections", "OrderedDict")), G("torch", "load")),
+        "v3 with a string dtype": call(G("torch._utils", "_rebuild_tensor_v3"), storage_pid(), I(0), T(I(4)), T(I(1)),
+                                       b"\x89", call(G("collections", "OrderedDict")), U("float32")),
     }
     for name, body in cases.items():
         path = write_torch_zip(tmp_path / f"{name.replace(' ', '_')}.pt", P2(body))
@@ -350,12 +354,43 @@ def test_build_cannot_modify_classes_or_guarded_callables(tmp_path: Path) -> Non
     assert all(type(f) is S.FragmentAddress and isinstance(f.numel, int) for f in frags.values())
 
 
+def test_build_cannot_rewrite_storages_or_tensor_refs(tmp_path: Path) -> None:
+    """StorageStub and TensorRef are frozen dataclasses, but BUILD writes through their __dict__: a pickle could
+    enlarge a tensor after its bounds were checked (a memory bomb, or reads past its storage)."""
+    grow = D((U("shape"), T(b"\x8a\x05\x00\x00\x00\x00\x10")), (U("stride"), T(I(0))))
+    cases = {
+        "tensor after rebuild": fake_tensor(T(I(4)), T(I(1))) + grow + b"b",
+        "tensor, extra field": fake_tensor(T(I(4)), T(I(1))) + D((U("evil"), I(1))) + b"b",
+        "storage before rebuild": call(G("torch._utils", "_rebuild_tensor_v2"),
+                                       storage_pid() + D((U("numel"), I(1 << 30))) + b"b", I(0), T(I(4)), T(I(1)),
+                                       b"\x89", call(G("collections", "OrderedDict"))),
+    }
+    for body in cases.values():
+        path = write_torch_zip(tmp_path / "rw.pt", P2(L(body)))
+        with pytest.raises(CheckpointError, match="modifies the tensor|pristine"):
+            load_torch_metadata(str(path))
+    ok = write_torch_zip(tmp_path / "ok.pt", P2(L(fake_tensor(T(I(4)), T(I(1))))))
+    assert load_torch_metadata(str(ok)).obj[0].shape == (4,)
+
+
 def test_build_on_ordered_dict_instance_cannot_change_its_class(tmp_path: Path) -> None:
     od = call(G("collections", "OrderedDict"))
     body = od + T(b"N", D((U("__class__"), G("deepspeed.utils.tensor_fragment", "fragment_address")))) + b"b"
     path = write_torch_zip(tmp_path / "od.pt", P2(body))
     with pytest.raises(CheckpointError):
         load_torch_metadata(str(path))
+
+
+@pytest.mark.parametrize("target", [call(G("collections", "OrderedDict")), call(G("torch", "Size"), T(I(2), I(3))),
+                                    G("torch", "float32")])
+def test_build_cannot_shadow_methods_of_plain_values(tmp_path: Path, target: bytes) -> None:
+    """`od.items = <stand-in>` through BUILD would make every reader's `od.items()` fail (or lie)."""
+    state = D((U("items"), G("os", "system")), (U("startswith"), I(1)), (U("count"), I(1)))
+    path = write_torch_zip(tmp_path / "shadow.pt", P2(D((U("x"), target + state + b"b"))))
+    with pytest.raises(CheckpointError, match="sets attribute '(items|startswith|count)' on a"):
+        load_torch_metadata(str(path))
+    harmless = write_torch_zip(tmp_path / "meta.pt", P2(D((U("x"), target + D((U("_metadata"), D())) + b"b"))))
+    assert load_torch_metadata(str(harmless)).obj["x"].__dict__ == {"_metadata": {}}
 
 
 def test_standin_classes_are_read_only() -> None:
@@ -554,3 +589,15 @@ def test_payloads_are_live_under_plain_pickle(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-c", code], timeout=60, capture_output=True)
     for name, _, marker in files:
         assert marker.exists(), f"payload {name!r} is not live: the test proves nothing"
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_scanner_accepts_everything_pickle_writes(protocol: int) -> None:
+    """The opcode pre-scan must not refuse valid pickles of any protocol (text opcodes, frames, memo forms)."""
+    obj = {"s": "text\nwith newline", "u": "\u00e9\u4e2d", "b": b"\x00\xff" * 300, "ints": [0, -1, 255, 65536, -2**31,
+           2**40, 2**100, -2**300], "f": [1.5, -0.0, 1e300], "t": (1, (2, (3,))), "n": [None, True, False],
+           "set": {1, 2}, "fs": frozenset({"a"}), "ba": bytearray(b"xyz"), "od": OrderedDict([("k", [1, 2])]),
+           "c": 1 + 2j, "slice": slice(1, 9, 2), "long": "x" * 70000, "many": [[i] for i in range(400)]}
+    obj["shared"] = [obj["t"], obj["t"]]
+    data = pickle.dumps(obj, protocol=protocol)
+    assert unpickle_bytes(data, "p").obj == obj

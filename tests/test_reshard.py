@@ -114,8 +114,8 @@ def test_refusals() -> None:
     from engine.errors import PlanError
 
     src = _latest(os.path.join(MDS, CASES[0], "ckpt"))
-    with pytest.raises(PlanError, match="not implemented"):
-        plan_conversion(src, Target(kind="reshard", tp=1, pp=1, quantize="int8"))
+    with pytest.raises(PlanError, match="int8 only"):
+        plan_conversion(src, Target(kind="reshard", tp=1, pp=1, quantize="fp4"))
     with pytest.raises(PlanError, match="divide"):
         plan_conversion(src, Target(kind="reshard", tp=3, pp=1))
     with pytest.raises(PlanError, match="pipeline stages"):

@@ -9,10 +9,11 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Footer, Header, Static, Tree
-from textual.worker import get_current_worker
+from textual.worker import Worker, get_current_worker
 
 import engine
 from engine import Checkpoint, IterationRef, Param
+from engine.stats import ParamStats, param_stats
 
 from ..formatting import display_path, rel_path
 from ..messages import CheckpointLoaded, RunsFound, ScanFinished, StatsComputed
@@ -25,12 +26,8 @@ from .base import ExplorerScreen
 SCAN_BATCH_SECONDS = 0.1
 
 
-def compute_param_stats(param: Param) -> object:
-    """engine.stats.param_stats when the engine has it, else the app's interim version."""
-    try:
-        from engine.stats import param_stats  # type: ignore[import-not-found]
-    except ImportError:
-        from ..interim_param_stats import param_stats
+def compute_param_stats(param: Param) -> ParamStats:
+    """Statistics of one parameter (reads its bytes: call it from a thread worker)."""
     return param_stats(param)
 
 
@@ -106,6 +103,13 @@ class BrowseScreen(ExplorerScreen):
         self.query_one("#scan-status", Static).update(status)
         if message.count == 0:
             self.query_one(LayoutPanel).update(f"No checkpoint found under {display_path(self.root)}.")
+
+    def worker_failed(self, worker: Worker) -> None:
+        if worker.group == "scan" and worker.error is not None:
+            self.query_one(LayoutPanel).update(f"Could not scan {display_path(self.root)}.")
+            self.query_one("#scan-status", Static).update("scan failed")
+        elif worker.group == "load":
+            self.query_one(LayoutPanel).update("Could not read this iteration (see the error).")
 
     # --- iterations ----------------------------------------------------------------------------------------------
 

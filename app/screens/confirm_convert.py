@@ -58,6 +58,7 @@ class ConfirmConvertModal(ModalScreen[ConvertRequest | None]):
                 yield Input(str(DEFAULT_WORKERS), type="integer", id="confirm-workers", compact=True)
                 yield Checkbox("overwrite", id="confirm-overwrite", compact=True)
                 yield Checkbox("resume", id="confirm-resume", compact=True)
+            yield Static("Enter in a field or on Convert starts · Esc cancels · Tab moves", id="confirm-hint")
             with Horizontal(id="confirm-buttons"):
                 yield Button("Convert", variant="primary", id="confirm-go")
                 yield Button("Cancel", id="confirm-cancel")

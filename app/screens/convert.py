@@ -10,14 +10,14 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid, Vertical
-from textual.widgets import Footer, Header, Label, ProgressBar, RichLog, Static
+from textual.widgets import Footer, Header, ProgressBar, RichLog, Static
 from textual.worker import Worker
 
 from engine.execute import Cancelled, ExecResult, execute_plan, partial_dir
 from engine.plan import Plan
 from engine.progress import EventKind, ProgressEvent
 
-from ..formatting import duration, rate, rel_path, size
+from ..formatting import display_path, duration, rate, size
 from ..messages import ExecFinished, ExecProgress
 from ..widgets.worker_pane import WorkerPane
 from .base import ExplorerScreen
@@ -35,11 +35,10 @@ class ConvertScreen(ExplorerScreen):
         Binding("escape", "back", "Back", tooltip="Back to the browser (when finished)", id="convert.back"),
     ]
 
-    def __init__(self, plan: Plan, request: ConvertRequest, root: str, *, autostart: bool = True) -> None:
+    def __init__(self, plan: Plan, request: ConvertRequest, *, autostart: bool = True) -> None:
         super().__init__()
         self.plan = plan
         self.request = request
-        self.root = root
         self.autostart = autostart
         self.cancel_event = threading.Event()
         self.finished = False
@@ -57,15 +56,16 @@ class ConvertScreen(ExplorerScreen):
     def compose(self) -> ComposeResult:
         yield Header(icon="◆")
         with Vertical(id="convert"):
-            yield Label(
-                Text.assemble((self.plan.target.describe(), "bold"), "  ",
-                              (rel_path(self.plan.source_path, self.root), "dim"), "  →  ",
-                              rel_path(self.request.destination, self.root)),
+            yield Static(
+                Text.assemble((self.plan.target.describe(), "bold"),
+                              ("\nfrom ", "dim"), display_path(self.plan.source_path),
+                              ("\nto   ", "dim"), display_path(self.request.destination)),
                 id="convert-title",
             )
             yield ProgressBar(total=max(1, self.total_bytes), show_eta=False, id="overall-bar")
             yield Static("starting…", id="overall-stats")
-            with Grid(id="worker-panes"):
+            with Grid(id="worker-panes") as grid:
+                grid.styles.grid_size_columns = min(4, max(1, self.request.workers))
                 for index in range(min(self.request.workers, MAX_WORKER_PANES)):
                     yield WorkerPane(index, id=f"worker-{index}")
             yield RichLog(id="convert-log", max_lines=2000, markup=False, wrap=False)
@@ -184,7 +184,7 @@ class ConvertScreen(ExplorerScreen):
         if cancelled or result is None:
             self.outcome = "cancelled"
             self.sub_title = "cancelled"
-            partial = rel_path(partial_dir(self.request.destination), self.root)
+            partial = display_path(partial_dir(self.request.destination))
             summary.update(Text.assemble(
                 ("Cancelled. ", "bold yellow"),
                 f"{self.items_done} of {self.items_total} items are done and kept in {partial}. ",
@@ -194,11 +194,14 @@ class ConvertScreen(ExplorerScreen):
             self.outcome = "done"
             self.sub_title = "done"
             self.done_bytes, self.items_done = self.total_bytes, self.items_total
+            for pane in self.query(WorkerPane):
+                pane.idle()
             verified = Text("verified ✓", "bold green") if result.verified else Text("NOT verified ✗", "bold red")
             summary.update(Text.assemble(
                 ("Done. ", "bold green"),
                 f"{result.items_done} items ({result.items_skipped} resumed) · {size(result.bytes_written)} written "
-                f"to {rel_path(result.dst, self.root)} in {duration(result.seconds)} · ", verified,
+                f"to {display_path(result.dst)} in {duration(result.seconds)} · ", verified,
+                ("   esc: back to the browser", "dim"),
             ))
         self._show_overall()
         self.refresh_bindings()

@@ -6,7 +6,7 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
-from textual.widgets import Checkbox, Footer, Header, Input, Label, RadioButton, RadioSet, Select
+from textual.widgets import Checkbox, Footer, Header, Input, Label, RadioButton, RadioSet, Select, Static
 from textual.worker import Worker, get_current_worker
 
 from engine import Checkpoint, CheckpointError, PlanError
@@ -77,6 +77,7 @@ class PreviewScreen(ExplorerScreen):
                 yield Label("max shard size", classes="form-label", id="label-max-shard")
                 yield Input(DEFAULT_MAX_SHARD, id="field-max-shard", compact=True)
                 yield Checkbox("strict: refuse flagged", id="field-strict", compact=True)
+                yield Static("Tab   next field\nEnter convert…\nEsc   back to the browser", id="form-hint")
             yield PlanView(self.root, id="plan-view")
         yield Footer()
 
@@ -112,6 +113,11 @@ class PreviewScreen(ExplorerScreen):
         self.kind = event.pressed.name or "universal"
         self._apply_kind()
         self.replan()
+
+    @on(Input.Submitted)
+    def _field_submitted(self) -> None:
+        """Enter in a field means "go": the keyboard path to Convert that does not leave the form."""
+        self.action_convert()
 
     @on(Input.Changed)
     @on(Select.Changed)
@@ -171,6 +177,13 @@ class PreviewScreen(ExplorerScreen):
     def action_convert(self) -> None:
         if self.plan is None:
             self.notify("No plan to run: fix the target first.", severity="warning")
+            return
+        try:
+            current = self.read_target()
+        except ValueError:
+            current = None
+        if current != self.plan.target:
+            self.notify("Still planning the latest change; try again in a moment.", severity="warning")
             return
         self.app.confirm_conversion(self.plan, self.destination())  # type: ignore[attr-defined]
 

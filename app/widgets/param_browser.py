@@ -14,7 +14,7 @@ from textual.widgets import DataTable, Input
 
 from engine import Checkpoint, Param
 
-from ..formatting import middle_truncate, shape, shard_shape, size
+from ..formatting import shape, shard_shape, shorten_names, size
 
 MIN_NAME_WIDTH = 16
 
@@ -78,23 +78,22 @@ class ParamBrowser(Vertical):
         table.clear(columns=True)
         rows = self.visible_params()
         cells = [(p.name, shape(p.shape), shard_shape(p), p.rule, p.dtype, size(p.nbytes)) for p in rows]
-        widths = self._column_widths(cells)
         arrow = " ▼" if self.sort_reverse else " ▲"
-        for (key, (label, _)), width in zip(COLUMNS.items(), widths):
-            sorted_here = key == self.sort_key
-            table.add_column(label + (arrow if sorted_here else ""), key=key, width=width + (2 if sorted_here else 0))
-        name_width = widths[0]
-        for p, (name, global_shape, local, rule, dtype, nbytes) in zip(rows, cells):
+        labels = [label + (arrow if key == self.sort_key else "") for key, (label, _) in COLUMNS.items()]
+        widths = self._column_widths(labels, cells)
+        for key, label, width in zip(COLUMNS, labels, widths):
+            table.add_column(label, key=key, width=width)
+        names = shorten_names([row[0] for row in cells], widths[0])
+        for p, name, (_, global_shape, local, rule, dtype, nbytes) in zip(rows, names, cells):
             style = "yellow" if p.flags else ""
-            table.add_row(Text(middle_truncate(name, name_width), style), global_shape, local, Text(rule, style),
-                          dtype, Text(nbytes, justify="right"), key=p.name)
+            table.add_row(Text(name, style), global_shape, local, Text(rule, style), dtype,
+                          Text(nbytes, justify="right"), key=p.name)
         if current is not None and current.name in {p.name for p in rows}:
             table.move_cursor(row=table.get_row_index(current.name), animate=False)
         self.post_message(self.Highlighted(self.current_param()))
 
-    def _column_widths(self, cells: list[tuple[str, ...]]) -> list[int]:
+    def _column_widths(self, labels: list[str], cells: list[tuple[str, ...]]) -> list[int]:
         """Fixed widths from the content; the name gets what the others leave (names are shortened in the middle)."""
-        labels = [label for label, _ in COLUMNS.values()]
         widths = [max([len(label)] + [len(row[i]) for row in cells]) for i, label in enumerate(labels)]
         available = (self.size.width or 86) - 2 - sum(widths[1:]) - 2 * len(labels) - 2
         widths[0] = max(MIN_NAME_WIDTH, min(widths[0], available))

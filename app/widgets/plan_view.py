@@ -11,7 +11,7 @@ from textual.widgets import DataTable, Static
 
 from engine.plan import Plan, PlanItem
 
-from ..formatting import middle_truncate, rel_path, shape, size
+from ..formatting import rel_path, shape, shorten_names, size
 
 MIN_NAME_WIDTH = 16
 KIND_LABELS = {"copy": "copy file", "write_file": "write file", "universal_optimizer_state": "optimizer state"}
@@ -40,7 +40,9 @@ class PlanView(Vertical):
     def show_failure(self, cause: str) -> None:
         self.plan = None
         self.query_one("#plan-summary", Static).update(Text.assemble(("Cannot plan this target: ", "bold red"), cause))
-        self.query_one("#plan-table", DataTable).clear(columns=True)
+        table = self.query_one("#plan-table", DataTable)
+        table.clear(columns=True)
+        table.display = False
         self.query_one("#plan-item", Static).update("")
 
     def show_pending(self) -> None:
@@ -58,23 +60,24 @@ class PlanView(Vertical):
     def _fill(self) -> None:
         table = self.query_one("#plan-table", DataTable)
         table.clear(columns=True)
+        table.display = self.plan is not None
         if self.plan is None:
             return
         items = self._items()
-        cells = [(i.name, i.rule or KIND_LABELS.get(i.kind, i.kind), _shapes(i.target_shapes), size(i.read_bytes),
-                  size(i.write_bytes)) for i in items]
-        labels = ("item", "rule", "shape per rank", "read", "write")
+        cells = [(i.name, i.rule or KIND_LABELS.get(i.kind, i.kind), _shapes(i.target_shapes), size(i.write_bytes))
+                 for i in items]
+        labels = ("item", "rule", "shape per rank", "writes")
         widths = [max([len(label)] + [len(row[k]) for row in cells]) for k, label in enumerate(labels)]
-        name_width = max(MIN_NAME_WIDTH, min(widths[0], (self.size.width or 80) - 2 - sum(widths[1:]) - 2 * 5))
-        for key, label, width in zip(("name", "rule", "shapes", "read", "write"), labels, [name_width, *widths[1:]]):
+        widths[0] = max(MIN_NAME_WIDTH, min(widths[0], (self.size.width or 80) - 2 - sum(widths[1:]) - 2 * 4))
+        for key, label, width in zip(("name", "rule", "shapes", "write"), labels, widths):
             table.add_column(label, key=key, width=width)
-        for item, (name, rule, shapes, read, write) in zip(items, cells):
+        names = shorten_names([row[0] for row in cells], widths[0])
+        for item, name, (_, rule, shapes, write) in zip(items, names, cells):
             style = "yellow" if item.flags else ""
             table.add_row(
-                Text(middle_truncate(name, name_width), style),
+                Text(name, style),
                 Text(rule, style or ("" if item.rule else "dim")),
                 shapes,
-                Text(read, justify="right"),
                 Text(write, justify="right"),
                 key=item.id,
             )
@@ -93,9 +96,9 @@ class PlanView(Vertical):
         lines = [Text.assemble((item.name, "bold"), (f"  → {', '.join(item.outputs[:3])}", "dim"),
                                (f" (+{len(item.outputs) - 3} more)" if len(item.outputs) > 3 else "", "dim"),
                                no_wrap=True, overflow="ellipsis")]
+        lines.append(Text(f"reads {size(item.read_bytes)} · writes {size(item.write_bytes)} · "
+                          f"peak memory ≈ {size(item.peak_bytes)}", "dim"))
         lines += [Text(f"⚠ {flag}", "yellow", no_wrap=True, overflow="ellipsis") for flag in item.flags]
-        if not item.flags:
-            lines.append(Text("no flags", "dim"))
         detail.update(Group(*lines))
 
 
@@ -109,8 +112,8 @@ def plan_summary(p: Plan, destination: str, free: int, root: str) -> RenderableT
         Text(f"{p.source_degrees or p.source_format}  →  {p.target_degrees or p.target.kind}", "dim", **line),
         Text.assemble(
             f"{len(p.all_items)} items · ", (f"{flagged} flagged", "bold yellow" if flagged else "green"),
-            f" · read {size(p.read_bytes)} · write {size(p.write_bytes)} · peak memory ≈ {size(p.peak_memory)}"
-            " per worker", **line,
+            f" · read {size(p.read_bytes)} · write {size(p.write_bytes)} · memory ≈ {size(p.peak_memory)} per worker",
+            **line,
         ),
         Text.assemble(("to ", "dim"), rel_path(destination, root), **line),
         Text.assemble(f"free {size(free)} there, needs {size(needed)} ",

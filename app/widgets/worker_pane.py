@@ -29,6 +29,12 @@ class WorkerPane(Vertical):
     def advance(self, done: int, total: int) -> None:
         self.query_one(ProgressBar).update(total=max(1, total), progress=min(done, max(1, total)))
 
+    def idle(self) -> None:
+        """No item in hand: the run is complete."""
+        self.item = None
+        self.query_one(".worker-item", Label).update("idle")
+        self.query_one(ProgressBar).update(total=1, progress=1)
+
     def finish(self) -> None:
         self.items_done += 1
         self.item = None

@@ -153,7 +153,7 @@ class _DeepSpeedReader:
     def _load_many(self, paths: list[str]) -> dict[str, LoadedPickle]:
         if not paths:
             return {}
-        workers = min(16, len(paths))
+        workers = min(4, len(paths))  # unpickling holds the GIL: threads only overlap the I/O
         if workers <= 2:
             loaded = [load_torch_metadata(p) for p in paths]
         else:

@@ -1,12 +1,12 @@
-"""Interim parameter statistics (until `engine.stats.param_stats` lands): reads one state's fragments, off the UI."""
+"""Parameter statistics (min/max/mean/std/norm, NaN/Inf counts) streamed over one copy of each element."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-from engine import Param
-from engine.tensor_io import read_flat
+from .layout import Param
+from .tensor_io import read_flat
 
 
 @dataclass(frozen=True)
