@@ -403,6 +403,7 @@ class _ProgressBar:
         if event.kind == EventKind.PLAN:
             from tqdm import tqdm
 
+            tqdm.monitor_interval = 0  # no monitor thread: the worker pool can then fork instead of spawning
             self.bar = tqdm(total=event.overall_total, unit="B", unit_scale=True, unit_divisor=1024,
                             desc="converting", dynamic_ncols=True, file=sys.stderr)
         elif self.bar is None:

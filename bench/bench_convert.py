@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -169,9 +170,21 @@ def fmt_gb(n: int) -> str:
     return f"{n / GB:.2f} GB"
 
 
+def engine_version() -> str:
+    """The commit the engine was measured at, and a short hash of uncommitted engine changes (it is a moving target)."""
+    def git(*args: str) -> str:
+        proc = subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True)
+        return proc.stdout.strip() if proc.returncode == 0 else "?"
+
+    diff = git("diff", "HEAD", "--", "engine", "app")
+    dirty = f" + uncommitted engine/app changes {zlib.crc32(diff.encode()):08x}" if diff and diff != "?" else ""
+    return git("rev-parse", "--short", "HEAD") + dirty
+
+
 def report(results: dict[str, Result], ckpt: str, src_bytes: int, largest: int, n_params: int, total: int,
            workers: int) -> str:
-    lines = [f"checkpoint: {ckpt}  ({fmt_gb(src_bytes)}, {n_params} tensors, {total / 1e6:.1f} M params, "
+    lines = [f"engine: {engine_version()}",
+             f"checkpoint: {ckpt}  ({fmt_gb(src_bytes)}, {n_params} tensors, {total / 1e6:.1f} M params, "
              f"largest tensor {fmt_gb(largest)} fp32)",
              f"workers: {workers}; every run starts with the source read once (cat > /dev/null) and `sync`: "
              "warm cache; wall = the fastest of the rounds (all walls listed)",

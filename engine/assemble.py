@@ -40,6 +40,9 @@ def assemble_local(param: Param, state: str, tp: int, shape: tuple[int, ...],
     numel = prod(shape)
     if not frags:
         raise CheckpointError(param.name, f"no {state} fragments for tensor-parallel rank {tp}")
+    if len(frags) == 1 and frags[0].dst_start == 0 and frags[0].numel == numel:  # ZeRO-1/2's usual case
+        f = frags[0]
+        return read_flat(f.tensor, f.src_start, f.numel, copy=False).view(shape)
     dtype = torch_dtype(frags[0].tensor.dtype)
     out = torch.empty(numel, dtype=dtype)
     covered = 0

@@ -33,7 +33,9 @@ INSTALL_HINT = "running on a Dask cluster needs the 'distributed' package: insta
 CHECK_SAMPLE = 256  # input files each worker opens before any work
 PROGRESS_INTERVAL = 0.25  # seconds between two ITEM_PROGRESS events of one task
 MARKER = ".ckpt-explorer-check"
-WINDOW_PER_THREAD, WINDOW_EXTRA = 2, 2  # items in flight: per worker thread, plus
+RESULT = "result"  # the event that carries a task's result
+RESULT_TIMEOUT = 10.0  # seconds to fetch a result whose event did not arrive before its worker left
+WINDOW_PER_THREAD, WINDOW_EXTRA = 2, 2  # items in flight = 2 per worker thread + 2
 
 _stopped: set[str] = set()  # run tokens a client has stopped (worker-process state, set through client.run)
 
@@ -68,30 +70,34 @@ def _stop_token(token: str) -> None:
     _stopped.add(token)
 
 
-def _task(item: PlanItem, root: str, topic: str, token: str) -> tuple[Any, ...]:
-    """One plan item on a worker: ("ok", bytes, address) | ("skipped", 0, address) | ("error", 0, address, path,
-    problem). CheckpointError travels as data because it does not survive pickling."""
+def _task(item: PlanItem, root: str, topic: str, token: str, key: str) -> list[Any]:
+    """One plan item on a worker. The result, [status, bytes, path, problem] with status ok | skipped | error, is also
+    sent as an event tagged with `key`, so the client has it even if this worker is gone before it could be fetched;
+    a CheckpointError travels as its path and problem because the exception does not survive pickling."""
     from distributed import get_worker
 
     worker = get_worker()
     address = worker.address
     if token in _stopped:
-        return "skipped", 0, address
-    worker.log_event(topic, [EventKind.ITEM_START.value, address, item.id, 0, item.write_bytes])
-    last = time.monotonic()
+        result: list[Any] = ["skipped", 0, None, None]
+    else:
+        worker.log_event(topic, [EventKind.ITEM_START.value, address, item.id, 0, item.write_bytes])
+        last = time.monotonic()
 
-    def report(done: int) -> None:
-        nonlocal last
-        now = time.monotonic()
-        if now - last >= PROGRESS_INTERVAL:
-            last = now
-            worker.log_event(topic, [EventKind.ITEM_PROGRESS.value, address, item.id, int(done), item.write_bytes])
+        def report(done: int) -> None:
+            nonlocal last
+            now = time.monotonic()
+            if now - last >= PROGRESS_INTERVAL:
+                last = now
+                worker.log_event(topic, [EventKind.ITEM_PROGRESS.value, address, item.id, int(done),
+                                         item.write_bytes])
 
-    try:
-        written = run_item(item, root, report)
-    except CheckpointError as exc:
-        return "error", 0, address, exc.path, exc.problem
-    return "ok", written, address
+        try:
+            result = ["ok", run_item(item, root, report), None, None]
+        except CheckpointError as exc:
+            result = ["error", 0, exc.path, exc.problem]
+    worker.log_event(topic, [RESULT, address, key, *result])
+    return result
 
 
 # -- client side -------------------------------------------------------------------------------------
@@ -279,6 +285,7 @@ class _Run:
         self.attempts: dict[str, int] = {}
         self.starts: dict[str, int] = {}
         self.finished: set[str] = set()
+        self.results: dict[str, list[Any]] = {}  # future key -> result, from RESULT events
         self.pending: set[Future] = set()
         self.failure: BaseException | None = None
         self.interrupted: str | None = None
@@ -305,6 +312,8 @@ class _Run:
                     break
                 self._pump(0.2)
         finally:
+            if self.pending:  # leaving on an exception of our own (a failing callback, KeyboardInterrupt)
+                self._abandon()
             self._pump_events()
             try:
                 self.client.unsubscribe_topic(self.topic)
@@ -332,7 +341,7 @@ class _Run:
     def _submit(self, item: PlanItem) -> None:
         n = self.attempts[item.id] = self.attempts.get(item.id, 0) + 1
         key = f"ckpt-explorer-{self.token}-{n}-{item.id}"
-        fut = self.client.submit(_task, item, self.root, self.topic, self.token, key=key, pure=False)
+        fut = self.client.submit(_task, item, self.root, self.topic, self.token, key, key=key, pure=False)
         self.by_key[key] = item
         self.pending.add(fut)
         fut.add_done_callback(lambda f: self.inbox.put(("done", f)))
@@ -384,6 +393,9 @@ class _Run:
             self._on_future(payload)
 
     def _on_event(self, payload: list[Any]) -> None:
+        if payload[0] == RESULT:
+            self.results[payload[2]] = payload[3:]
+            return
         ev_kind, address, item_id, done, total = payload
         if item_id in self.finished:
             return  # a late progress event of an item already reported done
@@ -400,17 +412,22 @@ class _Run:
         self.pending.discard(fut)
         item = self.by_key.pop(fut.key)
         if fut.status == "finished":
-            result = fut.result()
-            if result[0] == "ok":
+            result = self.results.pop(fut.key, None) or self._fetch(fut)
+            if result is None:  # finished, but its worker left with the result: the item runs again
+                if not self._stopping():
+                    self._submit(item)
+            elif result[0] == "ok":
                 self.finished.add(item.id)
                 self.on_done(item, result[1])
             elif result[0] == "error":
-                self.failure = self.failure or CheckpointError(result[3], result[4])
+                self.failure = self.failure or CheckpointError(result[2], result[3])
         elif fut.status == "error":
             exc = fut.exception()
             if not isinstance(exc, KilledWorker):
                 self.failure = self.failure or exc
-            elif self.attempts[item.id] <= self.ex.max_resubmits and not self._stopping():
+            elif self._stopping():
+                pass  # stopping anyway: the item stays undone, for --resume
+            elif self.attempts[item.id] <= self.ex.max_resubmits:
                 self.emit(ProgressEvent(EventKind.LOG, message=f"{item.name}: its Dask workers died; running it again"))
                 self._submit(item)
             else:
@@ -420,6 +437,28 @@ class _Run:
         elif not self.cancel.is_set():  # cancelled by the scheduler: it was restarted or lost
             self.interrupted = self.interrupted or (f"the Dask scheduler {self.ex.address} dropped the task for "
                                                     f"{item.name} ({fut.status}); finish with --resume")
+
+    def _fetch(self, fut: Future) -> list[Any] | None:
+        """A result whose event has not arrived: wait for the event a little, then ask the worker that holds it."""
+        deadline = time.monotonic() + 1.0
+        deferred: list[tuple[str, Any]] = []
+        while fut.key not in self.results and time.monotonic() < deadline:
+            try:
+                kind, payload = self.inbox.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if kind == "event":
+                self._on_event(payload)
+            else:
+                deferred.append((kind, payload))
+        for message in deferred:
+            self.inbox.put(message)
+        if fut.key in self.results:
+            return self.results.pop(fut.key)
+        try:
+            return list(fut.result(timeout=RESULT_TIMEOUT))
+        except Exception:  # the worker that holds it is gone
+            return None
 
     # -- stopping and cleaning up
     def _drain(self) -> None:
@@ -436,11 +475,17 @@ class _Run:
                 if time.monotonic() - self.watched > 2.0:
                     self._watch()
         if self.pending:
-            try:
-                self.client.cancel(list(self.pending), force=True)
-            except Exception:  # the scheduler may be gone
-                pass
-            self.pending.clear()
+            self._abandon()
+
+    def _abandon(self) -> None:
+        """Stop what is still in flight without waiting: unstarted tasks are dropped, running ones run on."""
+        try:
+            if self.interrupted is None:  # else the workers or the scheduler are gone: nobody to tell
+                self.client.run(_stop_token, self.token, on_error="ignore")
+            self.client.cancel(list(self.pending), force=True)
+        except Exception:  # the scheduler may be gone
+            pass
+        self.pending.clear()
 
     def _sweep(self) -> None:
         """Remove temporary files that workers which died mid-item left beside the outputs."""

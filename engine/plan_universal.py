@@ -88,11 +88,11 @@ def plan_universal(ckpt: Checkpoint, target: Target) -> Plan:
     optim_files = list(ckpt.meta.get("optim_files") or ())
     if not optim_files and ckpt.zero_stage != 0:
         raise PlanError("no optimizer files: nothing to convert")
-    finalize = [
-        PlanItem(id="optimizer_state", kind="universal_optimizer_state", name="zero/optimizer_state.pt",
-                 outputs=(f"{tag}/zero/optimizer_state.pt",), read_bytes=0, write_bytes=4096,
-                 args={"optim_file": optim_files[0] if optim_files else model_files[0],
-                       "zero_stage": ckpt.zero_stage}),
+    items.append(PlanItem(id="optimizer_state", kind="universal_optimizer_state", name="zero/optimizer_state.pt",
+                          outputs=(f"{tag}/zero/optimizer_state.pt",), read_bytes=0, write_bytes=4096,
+                          args={"optim_file": optim_files[0] if optim_files else model_files[0],
+                                "zero_stage": ckpt.zero_stage}))
+    finalize = [  # last, and without torch: the tracker file names a complete output
         PlanItem(id="latest_universal", kind="write_file", name="latest_universal", outputs=("latest_universal",),
                  write_bytes=len(tag), args={"text": tag}),
     ]

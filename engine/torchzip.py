@@ -266,6 +266,18 @@ class MappedFile:
             return mf
 
     @classmethod
+    def release_pages(cls) -> None:
+        """Drop this process's resident pages of every cached map (the page cache keeps them): call between items,
+        so a worker's resident memory follows the item it works on, not everything it has read."""
+        with cls._cache_lock:
+            maps = [mf.map for mf in cls._cache.values() if mf.map is not None]
+        for m in maps:
+            try:
+                m.madvise(mmap.MADV_DONTNEED)
+            except (AttributeError, OSError, ValueError):
+                pass
+
+    @classmethod
     def forget(cls, path: str | None = None) -> None:
         """Drop cached maps (all, or one path); views still alive keep their map open."""
         with cls._cache_lock:

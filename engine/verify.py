@@ -39,12 +39,12 @@ def verify_file(path: str) -> str | None:
     return None
 
 
-def verify_output(item: PlanItem, root: str) -> str | None:
-    """None when every output of `item` under `root` is complete."""
+def verify_output(item: PlanItem, root: str, *, deep: bool = True) -> str | None:
+    """None when every output of `item` under `root` is complete (`deep`: re-read pwritten bytes and check CRCs)."""
     if item.kind == "tensor":
         from .writers.consolidated import tensor_item_complete
 
-        if not tensor_item_complete(item, root):
+        if not tensor_item_complete(item, root, reread=deep):
             return f"{item.outputs[0]}: bytes of {item.name} missing or changed"
         return None
     if item.kind == "safetensors_header":

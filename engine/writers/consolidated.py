@@ -84,11 +84,13 @@ def write_tensor(item: PlanItem, root: str, report: Any = None) -> int:
     return len(data)
 
 
-def tensor_item_complete(item: PlanItem, root: str) -> bool:
-    """Resume check for a pwritten tensor: its marker exists and the bytes at its offset still match."""
+def tensor_item_complete(item: PlanItem, root: str, *, reread: bool = True) -> bool:
+    """A pwritten tensor is complete: its marker exists and (with `reread`) the bytes at its offset still match."""
     try:
         with open(_marker(root, item)) as fh:
             crc, length = fh.read().split()
+        if not reread:
+            return int(length) == item.write_bytes
         with open(os.path.join(root, item.outputs[0]), "rb") as fh:
             fh.seek(item.args["offset"])
             data = fh.read(int(length))

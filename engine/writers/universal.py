@@ -44,7 +44,10 @@ def write_universal_param(item: PlanItem, root: str, report: Any = None) -> int:
         tensor = assemble_state(p, item.spec, src, true_vocab=true_vocab)
         if tensor.dtype != torch.float32:
             tensor = tensor.float()
-        written += save_atomic(_payload(item, tensor.contiguous()), os.path.join(root, rel))
+        tensor = tensor.contiguous()
+        if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+            tensor = tensor.clone()  # e.g. vocabulary rows narrowed off: save only what is kept
+        written += save_atomic(_payload(item, tensor), os.path.join(root, rel))
         if report is not None:
             report(written)
     if item.args.get("step"):
