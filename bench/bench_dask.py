@@ -3,9 +3,9 @@
 usage: python bench/bench_dask.py SRC [--local 1,2] [--dask 1,2,4] [--repeat N] [--out DIR]
 
 Every configuration converts the same plan into a fresh directory (removed afterwards). Source files are read once
-before timing so every run sees a warm page cache; torch is imported in this process and in every Dask worker
-before timing, so the table compares executors, not interpreter start-up. Dask cluster start-up is shown apart.
-Each local-pool configuration runs in a fresh interpreter, as the CLI would.
+before timing so every run sees a warm page cache, and dirty pages are flushed before each run. torch is imported
+in every Dask worker before timing, so the table compares executors, not interpreter start-up; Dask cluster
+start-up is shown apart. Each local-pool configuration runs in a fresh interpreter, as the CLI would.
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def _time(plan: Plan, executor: ItemExecutor, out: str, repeat: int) -> float:
     for _ in range(repeat):
         dst = os.path.join(out, "dst")
         shutil.rmtree(dst, ignore_errors=True)
+        os.sync()  # no dirty pages of an earlier run are written back inside this one's timing
         start = time.perf_counter()
         execute_plan(plan, dst, executor=executor)
         best = min(best, time.perf_counter() - start)

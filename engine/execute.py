@@ -79,6 +79,10 @@ def _runner(kind: str) -> Callable[..., int]:
         from .writers import consolidated
 
         return getattr(consolidated, f"write_{kind}")
+    if kind.startswith("reshard_dist"):
+        from .writers import torch_dist
+
+        return getattr(torch_dist, f"write_{kind}")
     if kind.startswith("reshard"):
         from .writers import reshard
 

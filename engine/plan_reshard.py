@@ -86,6 +86,10 @@ def _degrees(ckpt: Checkpoint, target: Target) -> tuple[int, int]:
 
 
 def plan_reshard(ckpt: Checkpoint, target: Target) -> Plan:
+    if ckpt.format == Format.TORCH_DIST:
+        from .plan_reshard_torch_dist import plan_torch_dist
+
+        return plan_torch_dist(ckpt, target)
     if ckpt.format == Format.MEGATRON:
         return plan_megatron(ckpt, target)
     if ckpt.format != Format.DEEPSPEED:
