@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import queue
-import re
 import socket
 import threading
 import time
@@ -19,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import fields, is_dataclass
 from typing import TYPE_CHECKING, Any
 
+from .atomic import TEMP_MARK
 from .errors import CheckpointError, PlanError
 from .execute import Cancelled, Emit, ItemExecutor, LocalPoolExecutor, run_item
 from .layout import Param
@@ -141,7 +141,7 @@ def sample_sources(items: Iterable[PlanItem], limit: int = CHECK_SAMPLE) -> list
 
 
 def _sweep_temporaries(items: Iterable[PlanItem], root: str) -> int:
-    """Remove `<output>.tmp<pid>` files a killed worker left beside outputs; returns how many."""
+    """Remove temporaries (engine.atomic.temp_path) a killed worker left beside outputs; returns how many."""
     by_dir: dict[str, set[str]] = {}
     for item in items:
         for rel in item.outputs:
@@ -154,8 +154,8 @@ def _sweep_temporaries(items: Iterable[PlanItem], root: str) -> int:
         except OSError:
             continue
         for entry in entries:
-            m = re.fullmatch(r"(.+)\.tmp\d+", entry)
-            if m and m.group(1) in names:
+            base, mark, _ = entry.partition(TEMP_MARK)
+            if mark and base in names:
                 try:
                     os.remove(os.path.join(folder, entry))
                     removed += 1

@@ -13,6 +13,9 @@ class CheckpointError(Exception):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self) -> tuple:  # crosses process boundaries (worker pools) intact
+        return (type(self), (self.path, self.problem))
+
 
 class UnsafePickleError(CheckpointError):
     """A pickle asks for something the restricted unpickler refuses outright."""

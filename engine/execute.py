@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 
+from .atomic import sweep_temporaries, temp_path
 from .errors import CheckpointError, OutputExistsError
 from .plan import Plan, PlanItem
 from .progress import EventKind, ProgressCallback, ProgressEvent
@@ -47,7 +48,7 @@ class ExecResult:
 # -- item dispatch (runs in workers) ---------------------------------------------------------------
 def _copy_file(item: PlanItem, root: str, report: Callable[[int], None] | None = None) -> int:
     dst = os.path.join(root, item.outputs[0])
-    tmp = dst + f".tmp{os.getpid()}"
+    tmp = temp_path(dst)
     shutil.copyfile(item.args["src"], tmp)
     os.replace(tmp, dst)
     return os.path.getsize(dst)
@@ -55,7 +56,7 @@ def _copy_file(item: PlanItem, root: str, report: Callable[[int], None] | None =
 
 def _write_file(item: PlanItem, root: str, report: Callable[[int], None] | None = None) -> int:
     dst = os.path.join(root, item.outputs[0])
-    tmp = dst + f".tmp{os.getpid()}"
+    tmp = temp_path(dst)
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(item.args["text"])
     os.replace(tmp, dst)
@@ -160,11 +161,11 @@ class LocalPoolExecutor(ItemExecutor):
                     EventKind.ITEM_PROGRESS, worker=0, item=it.id, bytes_done=d, bytes_total=it.write_bytes)))
                 on_done(item, written, 0)
             return
-        method = "fork" if threading.active_count() == 1 and "fork" in mp.get_all_start_methods() else "forkserver"
-        if method == "fork":
-            import torch  # noqa: F401  (imported once here; forked workers inherit it instead of importing it each)
+        # forkserver, not fork: forking a process whose torch already ran threaded kernels can hang the child in
+        # libgomp, and a running app has threads. The server imports torch once; every worker forks from it.
+        method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
         ctx = mp.get_context(method)
-        if method == "forkserver":  # the server imports torch once; every worker forks from it
+        if method == "forkserver":
             ctx.set_forkserver_preload(["torch", "engine.execute", "engine.writers.universal",
                                         "engine.writers.consolidated"])
         q = ctx.SimpleQueue()
@@ -329,6 +330,7 @@ def execute_plan(plan: Plan, dst: str, *, workers: int | None = None, overwrite:
         shutil.rmtree(work, ignore_errors=True)
         raise CheckpointError(dst, f"verification failed: {problems[0]}")
     os.remove(os.path.join(work, JOURNAL))
+    sweep_temporaries(work)  # half-written files of workers killed mid-item (their items were re-run)
     _replace(work, dst)
     seconds = time.monotonic() - start
     written = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(dst) for f in fs)

@@ -9,6 +9,7 @@ import pickle
 from dataclasses import dataclass, replace
 from typing import Any
 
+from ..atomic import temp_path
 from ..errors import CheckpointError
 from ..formats.dcp import ChunkBox
 from ..plan import PlanItem
@@ -103,7 +104,7 @@ def _bytes_entry(entry: dict[str, Any], tp: int, pp: int) -> bytes:
 
 
 def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = temp_path(path)
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(obj, fh)
     os.replace(tmp, path)
@@ -115,7 +116,7 @@ def write_reshard_dist_rank(item: PlanItem, root: str, report: Any = None) -> in
 
     a = item.args
     path = os.path.join(root, item.outputs[0])
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = temp_path(path)
     tensors: list[list[Any]] = []
     byte_recs: list[list[Any]] = []
     with open(tmp, "wb") as fh:
@@ -203,7 +204,7 @@ def write_reshard_dist_metadata(item: PlanItem, root: str, report: Any = None) -
             storage[index] = _StorageInfo(relative_path=loc[0], offset=loc[1], length=loc[2])
     md = Metadata(state_dict_metadata=sdm, planner_data=None, storage_data=storage, version="1.0.0")
     path = os.path.join(root, item.outputs[0])
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = temp_path(path)
     with open(tmp, "wb") as fh:
         pickle.dump(md, fh)
         fh.flush()

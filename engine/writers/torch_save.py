@@ -8,6 +8,7 @@ import pickle
 import types
 from typing import Any
 
+from ..atomic import temp_path
 from ..standins import EnumValue, StandIn, ZeroStage
 from ..tensorref import DType, Size, TensorRef
 
@@ -102,7 +103,7 @@ def save_atomic(obj: Any, path: str, *, standins: bool = False) -> int:
     """torch.save to `path` through a temporary file and a rename; returns the bytes written."""
     import torch
 
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = temp_path(path)
     with open(tmp, "wb") as fh:
         if standins:
             torch.save(obj, fh, pickle_module=_pickle_module)
