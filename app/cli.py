@@ -285,6 +285,8 @@ def target_from_args(args: argparse.Namespace, ckpt: Any) -> Any:
 def print_plan(plan: Any, dst: str) -> None:
     import shutil
 
+    from engine.plan import item_tensor_rows
+
     print(f"plan: {plan.source_path} [{plan.source_format}, {plan.source_degrees}] -> {plan.target.describe()}")
     print(f"      into {dst} ({plan.target_degrees})")
     rows = [("item", "rule", "target shapes", "read", "write", "flags")]
@@ -294,12 +296,8 @@ def print_plan(plan: Any, dst: str) -> None:
             shapes += f" … ({len(item.target_shapes)} ranks)"
         rows.append((item.name, item.rule, shapes, _size(item.read_bytes), _size(item.write_bytes),
                      "; ".join(item.flags)))
-        for t in item.args.get("tensors") or ():  # a file item of a reshard: one row per tensor it writes
-            spec = t.get("spec")
-            label = t.get("label") or (spec.label if spec is not None else "")
-            local = t.get("local")
-            shape = "×".join(map(str, local)) if isinstance(local, (tuple, list)) else str(local or "")
-            rows.append(("  · " + str(t.get("name") or t.get("key")), label, shape, "", "", ""))
+        for name, label, local in item_tensor_rows(item):  # a file item of a reshard: one row per tensor
+            rows.append(("  · " + name, label, "×".join(map(str, local)) if local else "", "", "", ""))
     widths = [min(max(len(r[i]) for r in rows), 60) for i in range(5)]
     for r in rows:
         print("  " + "  ".join(c[:60].ljust(w) for c, w in zip(r[:5], widths)) + ("  " + r[5] if r[5] else ""))

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from .errors import CheckpointError
 from .layout import Fragment, Param
-from .rules import TpSpec, merge, strip_vocab
+from .rules import TpRule, TpSpec, merge, strip_vocab
 from .tensor_io import read_flat, torch_dtype
 
 if TYPE_CHECKING:
@@ -80,3 +80,36 @@ def read_step(param: Param) -> torch.Tensor | None:
         if f.state == "step":
             return read_flat(f.tensor, 0, 1).view(()) if f.tensor.shape == () else read_flat(f.tensor, 0, 1)
     return None
+
+
+def copy_runs(param: Param, spec: TpSpec, state: str, *, true_vocab: int | None = None
+              ) -> list[tuple[Fragment, int, int, int]] | None:
+    """The global tensor of `state` as byte-for-byte copies of fragments: (fragment, first element inside it,
+    element count, destination element). None when the merge is not a plain concatenation along dim 0 (row
+    splits, SwiGLU halves, v0 QKV, averaged or replicated copies to compare): then `assemble_state` is the way."""
+    shapes = local_shapes(param)
+    if len(shapes) > 1 and not (
+        spec.dim == 0 and (spec.rule in (TpRule.COLUMN, TpRule.UNKNOWN)
+                           or (spec.rule == TpRule.QKV and spec.qkv_version not in (None, 0, 0.0)))
+    ):
+        return None
+    stage = source_stage(param)
+    total = sum(prod(s) for s in shapes)
+    if spec.vocab and true_vocab is not None and shapes and shapes[0] and len(shapes) * shapes[0][0] > true_vocab:
+        total = true_vocab * prod(shapes[0][1:])
+    runs: list[tuple[Fragment, int, int, int]] = []
+    base = 0
+    for tp, shape in enumerate(shapes):
+        for f in param.fragments:
+            if f.state != state or f.tp != tp or f.pp != stage or not f.tensor.is_contiguous:
+                if f.state == state and f.tp == tp and f.pp == stage:
+                    return None
+                continue
+            dst = base + f.dst_start
+            n = min(f.numel, total - dst)
+            if n > 0:
+                runs.append((f, f.src_start, n, dst))
+        base += prod(shape)
+    if sum(n for _, _, n, _ in runs) != total:
+        return None
+    return sorted(runs, key=lambda r: r[3])

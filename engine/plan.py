@@ -103,6 +103,18 @@ class Plan:
         return tuple(i for i in self.items if i.flags)
 
 
+def item_tensor_rows(item: PlanItem) -> list[tuple[str, str, tuple[int, ...] | None]]:
+    """(tensor name, rule label, shape on the new rank) for each tensor a file-level item writes (reshards)."""
+    rows = []
+    for t in item.args.get("tensors") or ():
+        spec = t.get("spec")
+        label = t.get("label") or (spec.label if spec is not None else "")
+        local = t.get("local")
+        rows.append((str(t.get("name") or t.get("key")), label,
+                     tuple(local) if isinstance(local, (tuple, list)) else None))
+    return rows
+
+
 def plan_conversion(ckpt: Checkpoint, target: Target) -> Plan:
     """The plan that turns `ckpt` into `target` (raises PlanError when it cannot be done)."""
     if target.kind not in TARGET_KINDS:

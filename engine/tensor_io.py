@@ -67,6 +67,15 @@ def _map(path: str) -> MappedFile:
     return mf
 
 
+def record_offset(ref: TensorRef) -> int:
+    """Absolute file offset of the first byte of the storage record holding `ref` (for file-to-file copies)."""
+    z = _zip_for(ref)
+    rec = z.storage_record(ref.storage_key)
+    if ref.extent() * ref.itemsize > rec.size:
+        raise CheckpointError(ref.file, f"tensor reaches past the end of storage data/{ref.storage_key}")
+    return z.data_offset(rec)
+
+
 def _storage_view(ref: TensorRef, first: int, count: int) -> torch.Tensor:
     """A zero-copy 1-D view of `count` storage elements starting at element `first`."""
     import torch

@@ -9,11 +9,12 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import DataTable, Static
 
-from engine.plan import Plan, PlanItem
+from engine.plan import Plan, PlanItem, item_tensor_rows
 
 from ..formatting import rel_path, shape, shorten_names, size
 
 MIN_NAME_WIDTH = 16
+MAX_TENSOR_LINES = 14
 KIND_LABELS = {"copy": "copy file", "write_file": "write file", "universal_optimizer_state": "optimizer state"}
 
 
@@ -99,6 +100,14 @@ class PlanView(Vertical):
         lines.append(Text(f"reads {size(item.read_bytes)} · writes {size(item.write_bytes)} · "
                           f"peak memory ≈ {size(item.peak_bytes)}", "dim"))
         lines += [Text(f"⚠ {flag}", "yellow", no_wrap=True, overflow="ellipsis") for flag in item.flags]
+        rows = item_tensor_rows(item)
+        if rows:
+            width = min(max(len(name) for name, _, _ in rows), 60)
+            for name, label, local in rows[:MAX_TENSOR_LINES]:
+                lines.append(Text.assemble(f"  {name[:width]:<{width}}  ", (f"{label:<24}", "cyan"),
+                                           shape(local) if local else "", no_wrap=True, overflow="ellipsis"))
+            if len(rows) > MAX_TENSOR_LINES:
+                lines.append(Text(f"  … {len(rows) - MAX_TENSOR_LINES} more tensors", "dim"))
         detail.update(Group(*lines))
 
 
