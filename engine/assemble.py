@@ -113,3 +113,14 @@ def copy_runs(param: Param, spec: TpSpec, state: str, *, true_vocab: int | None 
     if sum(n for _, _, n, _ in runs) != total:
         return None
     return sorted(runs, key=lambda r: r[3])
+
+
+def merged_shape(param: Param, spec: TpSpec, *, true_vocab: int | None = None) -> tuple[int, ...]:
+    """The shape of the tensor `copy_runs` describes: TP slices stacked on dim 0, vocabulary padding stripped."""
+    shapes = local_shapes(param)
+    shape = list(shapes[0])
+    if len(shapes) > 1 and shape:
+        shape[0] = sum(s[0] for s in shapes)
+    if spec.vocab and true_vocab is not None and shape and shape[0] > true_vocab:
+        shape[0] = true_vocab
+    return tuple(shape)

@@ -165,9 +165,8 @@ class LocalPoolExecutor(ItemExecutor):
         # libgomp, and a running app has threads. The server imports torch once; every worker forks from it.
         method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
         ctx = mp.get_context(method)
-        if method == "forkserver":
-            ctx.set_forkserver_preload(["torch", "engine.execute", "engine.writers.universal",
-                                        "engine.writers.consolidated"])
+        if method == "forkserver":  # torch is imported by the workers that need it (file-to-file copies do not)
+            ctx.set_forkserver_preload(["engine.execute", "engine.writers.universal", "engine.writers.consolidated"])
         q = ctx.SimpleQueue()
         counter = ctx.Value("i", 0)
         stop = threading.Event()

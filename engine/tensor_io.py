@@ -76,6 +76,18 @@ def record_offset(ref: TensorRef) -> int:
     return z.data_offset(rec)
 
 
+def raw_bytes(ref: TensorRef, start: int, count: int) -> memoryview:
+    """Zero-copy bytes of elements [start, start+count) of a contiguous tensor, straight from the file's map."""
+    if not ref.is_contiguous or start < 0 or start + count > ref.numel:
+        raise CheckpointError(ref.file, f"cannot take elements [{start}, {start + count}) of this tensor as bytes")
+    first = record_offset(ref) + (ref.storage_offset + start) * ref.itemsize
+    mf = _map(ref.file)
+    end = first + count * ref.itemsize
+    if mf.map is None or end > mf.size:
+        raise CheckpointError(ref.file, "file is shorter than its zip directory says (truncated)")
+    return memoryview(mf.map)[first:end]
+
+
 def _storage_view(ref: TensorRef, first: int, count: int) -> torch.Tensor:
     """A zero-copy 1-D view of `count` storage elements starting at element `first`."""
     import torch

@@ -17,6 +17,10 @@ class _StandInPickler(pickle._Pickler):  # type: ignore[name-defined]
     """Pickles stand-ins back under their original global names; no import of those modules is attempted."""
 
     def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, DType):  # torch.float16 and friends, as torch pickles them: GLOBAL torch <name>
+            return str(obj)
+        if isinstance(obj, Size):
+            return (_named_global("torch.Size"), (tuple(obj),))
         if isinstance(obj, StandIn):
             cls = _named_global(obj.qualname)
             if isinstance(obj, (ZeroStage, EnumValue)):
@@ -34,6 +38,8 @@ class _StandInPickler(pickle._Pickler):  # type: ignore[name-defined]
     def save_global(self, obj: Any, name: str | None = None) -> None:
         if isinstance(obj, type) and issubclass(obj, StandIn):  # a stand-in class inside another's arguments
             obj = _named_global(obj.qualname)
+        if isinstance(obj, DType):
+            obj = _named_global(f"torch.{obj}")
         if isinstance(obj, _GlobalName):
             module, _, qual = obj.qualname.rpartition(".")
             self.write(pickle.GLOBAL + f"{module}\n{qual}\n".encode())

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import Any
 
-from ..assemble import assemble_state, read_step
+from ..assemble import assemble_state, copy_runs, merged_shape, read_step
 from ..plan import PlanItem
 from ..rules import TpRule
 from ..safe_unpickle import load_torch_metadata
+from ..tensor_io import raw_bytes
+from ..tensorref import TensorRef
 from .torch_save import materialize, save_atomic
+from .torch_zip import STORAGE_NAMES, RawTensor, save_torch_zip
 
 ZERO12_DROP = ("base_optimizer_state", "param_slice_mappings", "single_partition_of_fp32_groups")
 
@@ -30,8 +34,6 @@ def _payload(item: PlanItem, tensor: Any) -> dict[str, Any]:
 
 def write_universal_param(item: PlanItem, root: str, report: Any = None) -> int:
     """Assemble every state of the parameter and write its files; returns bytes written."""
-    import torch
-
     p = item.param
     assert p is not None and item.spec is not None
     written = 0
@@ -41,6 +43,14 @@ def write_universal_param(item: PlanItem, root: str, report: Any = None) -> int:
         src = source_state or state
         if state == "fp32" and item.args.get("fp32_from_weight"):
             src = "weight"
+        raw = _raw_tensor(item, src)
+        if raw is not None:  # a plain concatenation of fp32 fragments: bytes go file to file, no torch needed
+            written += save_torch_zip(_payload(item, raw), os.path.join(root, rel))
+            if report is not None:
+                report(written)
+            continue
+        import torch
+
         tensor = assemble_state(p, item.spec, src, true_vocab=true_vocab)
         if tensor.dtype != torch.float32:
             tensor = tensor.float()
@@ -51,11 +61,39 @@ def write_universal_param(item: PlanItem, root: str, report: Any = None) -> int:
         if report is not None:
             report(written)
     if item.args.get("step"):
-        step = read_step(p)
-        if step is None:
-            step = item.args.get("int_step")
-        written += save_atomic(step, os.path.join(root, item.outputs[-1]))
+        ref = next((f.tensor for f in p.fragments if f.state == "step"), None)
+        if ref is not None and ref.dtype in STORAGE_NAMES and ref.is_contiguous:
+            step: Any = RawTensor(ref.dtype, ref.shape, lambda ref=ref: [raw_bytes(ref, 0, ref.numel)])
+            written += save_torch_zip(step, os.path.join(root, item.outputs[-1]))
+        else:
+            step = read_step(p) if ref is not None else item.args.get("int_step")
+            written += save_atomic(step, os.path.join(root, item.outputs[-1]))
     return written
+
+
+def _raw_tensor(item: PlanItem, state: str) -> RawTensor | None:
+    """The state as a RawTensor streamed from its fragments, when that is exact (fp32 fragments, dim-0 merge)."""
+    p = item.param
+    assert p is not None and item.spec is not None
+    frags = [f for f in p.fragments if f.state == state]
+    if not frags or any(f.tensor.dtype != "float32" for f in frags):
+        return None
+    true_vocab = item.args.get("true_vocab")
+    runs = copy_runs(p, item.spec, state, true_vocab=true_vocab)
+    if runs is None:
+        return None
+    expected = 0
+    for _, _, count, dst in runs:
+        if dst != expected:
+            return None
+        expected += count
+    shape = merged_shape(p, item.spec, true_vocab=true_vocab)
+
+    def chunks() -> Iterable[memoryview]:
+        for frag, first, count, _ in runs:
+            yield raw_bytes(frag.tensor, first, count)
+
+    return RawTensor("float32", shape, chunks)
 
 
 def write_optimizer_state(item: PlanItem, root: str, report: Any = None) -> int:
@@ -76,4 +114,19 @@ def write_optimizer_state(item: PlanItem, root: str, report: Any = None) -> int:
             inner = osd["optimizer"]
             groups = (inner.get("optimizer_state_dict") or inner).get("param_groups")
         state["param_groups"] = groups or []
-    return save_atomic(materialize(state), os.path.join(root, item.outputs[0]), standins=True)
+    return save_torch_zip(_rawify(state), os.path.join(root, item.outputs[0]))
+
+
+def _rawify(obj: Any) -> Any:
+    """TensorRefs in an object tree become RawTensors streamed from the source (torch only for odd layouts)."""
+    if isinstance(obj, TensorRef):
+        if obj.is_contiguous and obj.dtype in STORAGE_NAMES:
+            return RawTensor(obj.dtype, obj.shape, lambda ref=obj: [raw_bytes(ref, 0, ref.numel)])
+        return materialize(obj)
+    if isinstance(obj, dict):
+        return type(obj)((k, _rawify(v)) for k, v in obj.items())
+    if isinstance(obj, list):
+        return [_rawify(v) for v in obj]
+    if isinstance(obj, tuple) and type(obj) is tuple:
+        return tuple(_rawify(v) for v in obj)
+    return obj
