@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             for n in args.dask:
                 started = time.perf_counter()
                 with LocalCluster(n_workers=n, processes=True, threads_per_worker=1, host="127.0.0.1",
-                                  dashboard_address=None) as cluster, Client(cluster, set_as_default=False) as client:
+                                  dashboard_address=":0") as cluster, Client(cluster, set_as_default=False) as client:
                     client.gather([client.submit(_import_torch, workers=[w], pure=False) for w in client.nthreads()])
                     startup = time.perf_counter() - started
                     rows.append(("dask LocalCluster", n, _time(plan, DaskExecutor(client), out, args.repeat),

@@ -125,6 +125,10 @@ _worker_index = 0
 def _pool_init(q: mp.SimpleQueue, counter: mp.Value) -> None:  # type: ignore[valid-type]
     global _progress_queue, _worker_index
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        os.nice(5)  # workers yield to the process that shows progress (a UI, a login shell)
+    except OSError:
+        pass
     _progress_queue = q
     with counter.get_lock():
         counter.value += 1

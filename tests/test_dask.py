@@ -156,7 +156,7 @@ def _unhide() -> None:
 @pytest.fixture(scope="module")
 def client():
     with LocalCluster(n_workers=2, processes=True, threads_per_worker=1, host="127.0.0.1",
-                      dashboard_address=None) as cluster, Client(cluster, set_as_default=False) as c:
+                      dashboard_address=":0") as cluster, Client(cluster, set_as_default=False) as c:
         c.gather([c.submit(_warm, workers=[w], pure=False) for w in c.nthreads()])
         yield c
 
@@ -244,7 +244,7 @@ def test_cancel_then_resume(client, universal, tmp_path) -> None:
 def test_cluster_gone_keeps_partial_output_for_resume(universal, tmp_path) -> None:
     plan, expected = universal
     dst = str(tmp_path / "out")
-    with LocalCluster(n_workers=1, processes=False, threads_per_worker=1, dashboard_address=None) as cluster, \
+    with LocalCluster(n_workers=1, processes=False, threads_per_worker=1, dashboard_address=":0") as cluster, \
             Client(cluster, set_as_default=False) as c:
         events: list[ProgressEvent] = []
 
