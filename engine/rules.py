@@ -110,6 +110,8 @@ def classify_deepspeed(name: str, uc_info: Mapping[str, Any] | None, tp: int, *,
         return TpSpec(TpRule.ROW, 1, pattern=pat, **extra)
     if vocab:
         return TpSpec(TpRule.COLUMN, 0, pattern="vocabulary", **extra)
+    if (spec := _affine_map_spec(name, uc.get("affine_map"), extra)) is not None:
+        return spec
     if megatron is not None:
         spec = classify_megatron(name, tp=tp, **{"checkpoint_version": None, **megatron})
         if spec.rule != TpRule.UNKNOWN:
@@ -117,6 +119,25 @@ def classify_deepspeed(name: str, uc_info: Mapping[str, Any] | None, tp: int, *,
     if tp == 1:
         return TpSpec(TpRule.COLUMN, 0, pattern=None, **extra)
     return TpSpec(TpRule.UNKNOWN, 0, pattern=None, **extra)
+
+
+def _affine_map_spec(name: str, affine: Any, extra: dict[str, Any]) -> TpSpec | None:
+    """DeepSpeed AutoTP records each partitioned parameter's logical and per-rank shapes (`affine_map`, UCP 0.4):
+    the dim where a rank's shard is smaller than the logical shape is the partition dim."""
+    params = affine.get("params") if isinstance(affine, dict) else None
+    for pat, info in (params or {}).items():
+        if not re.match(pat, name) or not isinstance(info, dict):
+            continue
+        logical = list(info.get("logical_shape") or ())
+        ranks = info.get("ranks") or {}
+        shard = next((list(r.get("shard_shape") or ()) for r in ranks.values() if isinstance(r, dict)), None)
+        if not logical or shard is None or len(shard) != len(logical):
+            return None
+        dims = [d for d, (a, b) in enumerate(zip(shard, logical)) if a != b]
+        if len(dims) != 1:
+            return None
+        return TpSpec(TpRule.COLUMN if dims[0] == 0 else TpRule.ROW, dims[0], pattern=pat, **extra)
+    return None
 
 
 @dataclass(frozen=True)
