@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import fields, is_dataclass
 from typing import TYPE_CHECKING, Any
 
-from .atomic import TEMP_MARK
+from .atomic import sweep_temporaries
 from .errors import CheckpointError, PlanError
 from .execute import Cancelled, Emit, ItemExecutor, LocalPoolExecutor, run_item
 from .layout import Param
@@ -138,30 +138,6 @@ def sample_sources(items: Iterable[PlanItem], limit: int = CHECK_SAMPLE) -> list
         return paths
     step = (len(paths) - 1) / (limit - 1)
     return [paths[round(i * step)] for i in range(limit)]
-
-
-def _sweep_temporaries(items: Iterable[PlanItem], root: str) -> int:
-    """Remove temporaries (engine.atomic.temp_path) a killed worker left beside outputs; returns how many."""
-    by_dir: dict[str, set[str]] = {}
-    for item in items:
-        for rel in item.outputs:
-            path = os.path.join(root, rel)
-            by_dir.setdefault(os.path.dirname(path), set()).add(os.path.basename(path))
-    removed = 0
-    for folder, names in by_dir.items():
-        try:
-            entries = os.listdir(folder)
-        except OSError:
-            continue
-        for entry in entries:
-            base, mark, _ = entry.partition(TEMP_MARK)
-            if mark and base in names:
-                try:
-                    os.remove(os.path.join(folder, entry))
-                    removed += 1
-                except OSError:
-                    pass
-    return removed
 
 
 class DaskExecutor(ItemExecutor):
@@ -493,7 +469,7 @@ class _Run:
         lost = set(self.start_workers) - set(self.ex._nthreads())
         if not (rerun or lost):
             return
-        removed = _sweep_temporaries(self.items if lost else rerun, self.root)
+        removed = sweep_temporaries(self.root)
         if removed:
             self.emit(ProgressEvent(EventKind.LOG, message=f"removed {removed} temporary files left by lost Dask "
                                                            "workers"))

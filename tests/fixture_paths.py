@@ -31,3 +31,17 @@ def universal_cases() -> list[str]:
 
 def reference_cases() -> list[str]:
     return [c for c in case_dirs() if os.path.exists(os.path.join(FIXTURES, c, "reference_fp32.pt"))]
+
+
+def assert_reads_without_torch(path: str) -> None:
+    """Reading every checkpoint under `path` from metadata must not import torch (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from engine.discover import discover, read_checkpoint\n"
+        f"for run in discover({str(path)!r}):\n"
+        "    [read_checkpoint(it) for it in run.iterations]\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from fixture_paths import assert_reads_without_torch
 
 from engine.discover import discover, read_checkpoint
 from engine.errors import CheckpointError
@@ -124,16 +123,7 @@ def test_corrupt_metadata_names_the_file(tmp_path: Path):
     assert str(bad) in str(info.value) and "\n" not in str(info.value)
 
 
-def _reads_without_torch(path: Path) -> None:
-    """Reading metadata must not import torch (run in a fresh interpreter)."""
-    code = (
-        "import sys; from engine.discover import discover, read_checkpoint\n"
-        f"for run in discover({str(path)!r}):\n"
-        "    [read_checkpoint(it) for it in run.iterations]\n"
-        "assert 'torch' not in sys.modules, 'torch was imported'\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
 
 
 def test_metadata_read_does_not_import_torch():
-    _reads_without_torch(CASE)
+    assert_reads_without_torch(CASE)

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from fixture_paths import assert_reads_without_torch
 from safetensors.torch import save_file
 
 from engine.discover import discover, read_checkpoint
@@ -137,17 +136,8 @@ def test_read_header_gives_data_start(tmp_path: Path):
     assert header["w"]["shape"] == [256, 256] and data_start + 256 * 256 * 4 == size
 
 
-def _reads_without_torch(path: Path) -> None:
-    """Reading metadata must not import torch (run in a fresh interpreter)."""
-    code = (
-        "import sys; from engine.discover import discover, read_checkpoint\n"
-        f"for run in discover({str(path)!r}):\n"
-        "    [read_checkpoint(it) for it in run.iterations]\n"
-        "assert 'torch' not in sys.modules, 'torch was imported'\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
 
 
 def test_metadata_read_does_not_import_torch(tmp_path: Path):
     save_file(_tensors(), str(tmp_path / "model.safetensors"))
-    _reads_without_torch(tmp_path)
+    assert_reads_without_torch(tmp_path)

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from math import prod
 from pathlib import Path
 
 import pytest
 import torch
+from fixture_paths import assert_reads_without_torch
 
 from engine.discover import discover, read_checkpoint
 from engine.errors import CheckpointError
@@ -133,19 +132,10 @@ def test_non_universal_dirs_are_not_claimed():
     assert all(r.format != Format.UNIVERSAL for r in runs)
 
 
-def _reads_without_torch(path: Path) -> None:
-    """Reading metadata must not import torch (run in a fresh interpreter)."""
-    code = (
-        "import sys; from engine.discover import discover, read_checkpoint\n"
-        f"for run in discover({str(path)!r}):\n"
-        "    [read_checkpoint(it) for it in run.iterations]\n"
-        "assert 'torch' not in sys.modules, 'torch was imported'\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
 
 
 def test_metadata_read_does_not_import_torch():
-    _reads_without_torch(FIXTURES / "megatron-deepspeed" / "gpt_pipe_tp2_pp2_dp1_bf16" / "expected" / "universal")
+    assert_reads_without_torch(FIXTURES / "megatron-deepspeed" / "gpt_pipe_tp2_pp2_dp1_bf16" / "expected" / "universal")
 
 
 def test_universal_copy_inside_a_deepspeed_root(tmp_path: Path):
