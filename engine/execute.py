@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -353,14 +353,3 @@ def _replace(work: str, dst: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(work, dst)
-
-
-def iter_chunks(items: Iterable[PlanItem], size: int) -> Iterable[list[PlanItem]]:
-    batch: list[PlanItem] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

@@ -6,22 +6,13 @@ import json
 
 from .assemble import fragment_bytes
 from .errors import PlanError
-from .layout import Checkpoint, Format, Param
+from .formats.base import spec_of
+from .layout import Checkpoint, Param
 from .plan import Plan, PlanItem, Target
 from .tensorref import ITEMSIZE
 from .writers.consolidated import SAFETENSORS_DTYPES, safetensors_header
 
 ALIGN = 8
-
-
-def _spec(ckpt: Checkpoint, p: Param):  # noqa: ANN202
-    if ckpt.format == Format.DEEPSPEED:
-        from .formats.deepspeed import param_spec
-
-        return param_spec(ckpt, p.name)
-    from .rules import TpRule, TpSpec
-
-    return TpSpec(TpRule(p.rule) if p.rule in TpRule._value2member_map_ else TpRule.UNKNOWN, p.partition_dim)
 
 
 def _source(ckpt: Checkpoint, p: Param) -> tuple[Param, str]:
@@ -49,7 +40,7 @@ def plan_consolidated(ckpt: Checkpoint, target: Target) -> Plan:
     entries = []
     for p in ckpt.params:
         src, state = _source(ckpt, p)
-        spec = _spec(ckpt, src)
+        spec = spec_of(ckpt, src.name)
         flags = list(p.flags)
         if target.strict and flags:
             raise PlanError(f"{p.name}: {flags[0]} (--strict)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .assemble import fragment_bytes, source_stage
+from .assemble import fragment_bytes
 from .errors import PlanError
 from .formats.deepspeed import param_spec
 from .layout import Checkpoint, Format, Param
@@ -111,4 +111,4 @@ def plan_universal(ckpt: Checkpoint, target: Target) -> Plan:
     )
 
 
-__all__ = ["plan_universal", "universal_tag", "source_stage"]
+__all__ = ["plan_universal", "universal_tag"]

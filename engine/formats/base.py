@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from ..layout import Checkpoint, Format, IterationRef, Run
+from ..rules import TpRule, TpSpec
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,13 @@ class CheckpointFormat(ABC):
     def read(self, ref: IterationRef) -> Checkpoint:
         """Read one iteration's layout from metadata. Raises CheckpointError naming the bad file."""
 
+    def param_spec(self, ckpt: Checkpoint, name: str) -> TpSpec:
+        """The TP rule of parameter `name`: families with richer metadata (QKV version, patterns) override this;
+        the default rebuilds it from what the reader recorded on the Param."""
+        p = ckpt.param(name)
+        rule = TpRule(p.rule) if p.rule in {r.value for r in TpRule} else TpRule.UNKNOWN
+        return TpSpec(rule, p.partition_dim)
+
 
 _REGISTRY: list[CheckpointFormat] = []
 
@@ -88,3 +96,8 @@ def format_for(fmt: Format) -> CheckpointFormat:
         if reader.format == fmt:
             return reader
     raise KeyError(f"no reader for format {fmt}")
+
+
+def spec_of(ckpt: Checkpoint, name: str) -> TpSpec:
+    """The TP rule of one parameter, as the checkpoint's own family reads it."""
+    return format_for(ckpt.format).param_spec(ckpt, name)

@@ -30,13 +30,6 @@ DTYPE_BY_CONFIG = (("bf16", "bfloat16"), ("bfloat16", "bfloat16"), ("fp16", "flo
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-def _is_rank_file(name: str) -> bool:
-    return bool(
-        MP_MODEL_RE.match(name) or Z3_MODEL_RE.match(name) or OPTIM_RE.match(name) or LAYER_TP_RE.match(name)
-        or LAYER_RE.match(name)
-    )
-
-
 def is_tag_dir(listing: DirListing) -> bool:
     """A DeepSpeed tag directory holds model-state files (universal outputs hold `zero/` too: not ours)."""
     if "zero" in listing.dirs and "optimizer_state.pt" in listing.sub("zero").file_set:
@@ -100,7 +93,6 @@ class _Builder:
         self.local: dict[str, dict[tuple[int, int], tuple[int, ...]]] = {}
         self.frags: dict[str, list[Fragment]] = {}
         self.frozen: set[str] = set()
-        self.dtype: dict[str, str] = {}
         self.alias_weights: dict[str, list[Fragment]] = {}
 
     def shape(self, name: str, pp: int, tp: int, shape: Any) -> None:
@@ -141,6 +133,9 @@ class DeepSpeedFormat(CheckpointFormat):
     def read(self, ref: IterationRef) -> Checkpoint:
         return _DeepSpeedReader(ref).read()
 
+    def param_spec(self, ckpt: Checkpoint, name: str) -> TpSpec:
+        return param_spec(ckpt, name)
+
 
 class _DeepSpeedReader:
     def __init__(self, ref: IterationRef) -> None:
@@ -149,6 +144,9 @@ class _DeepSpeedReader:
         self.warnings: list[str] = []
         self.unknown_globals: set[str] = set()
         self.bytes_read = 0
+        self.models: dict[str, LoadedPickle] = {}
+        self.layer_objs: dict[str, LoadedPickle] = {}
+        self._stages_cache: dict[int, int] | None = None
 
     def _load_many(self, paths: list[str]) -> dict[str, LoadedPickle]:
         if not paths:
@@ -188,14 +186,15 @@ class _DeepSpeedReader:
         dtype = self._dtype(m0, tf)
         builder = _Builder()
         step_values: dict[str, Any] = {}
+        self.models = models
+        self.layer_objs = self._load_many(sorted(tf.layers.values())) if tf.layers else {}  # read once, used twice
         if zero3:
             self._read_zero3(models, optims, tp, dp, builder)
         elif zero_stage == 0:
             self._read_zero0(models, tp, pp, builder)
         else:
             self._read_zero12(models, optims, tp, pp, dp, builder, step_values)
-        layer_objs = self._load_many(sorted(tf.layers.values())) if tf.layers else {}
-        self._add_module_weights(models, layer_objs, tp, pp, builder, zero3)
+        self._add_module_weights(models, self.layer_objs, tp, pp, builder, zero3)
         shared = {}
         for lp in models.values():
             shared.update({k: v for k, v in (lp.obj.get("shared_params") or {}).items()})
@@ -462,7 +461,7 @@ class _DeepSpeedReader:
             for (layer, t), path in sorted(self.files.layers.items()):
                 if t != trank or not self._layer_on_stage(layer, stage):
                     continue
-                obj = load_torch_metadata(path).obj
+                obj = self.layer_objs[path].obj
                 for k, v in (obj or {}).items():
                     if isinstance(v, TensorRef):
                         shapes[f"{layer}.{k}"] = v.shape
@@ -474,21 +473,21 @@ class _DeepSpeedReader:
 
     def _layer_stages(self) -> dict[int, int]:
         """Pipeline stage of each layer file, from the ZeRO-0 optimizer sizes when nothing else records it."""
-        if hasattr(self, "_stages_cache"):
+        if self._stages_cache is not None:
             return self._stages_cache
         layers = sorted({layer for (layer, _) in self.files.layers})
         n_stages = max(len(self.files.mp_models) // max(len({t for (_, t) in self.files.layers}), 1), 1)
         stages: dict[int, int] = {}
         counts = []
         for mp in sorted(self.files.mp_models):
-            m = load_torch_metadata(self.files.mp_models[mp]).obj
+            m = self.models[self.files.mp_models[mp]].obj
             opt = m.get("optimizer") or {}
             inner = opt.get("optimizer_state_dict", opt) if isinstance(opt, dict) else {}
             counts.append(sum(len(g.get("params", [])) for g in inner.get("param_groups", [])))
         per_layer = []
         for layer in layers:
             path = self.files.layers[(layer, 0)] if (layer, 0) in self.files.layers else None
-            obj = load_torch_metadata(path).obj if path else {}
+            obj = self.layer_objs[path].obj if path else {}
             per_layer.append(sum(1 for v in (obj or {}).values() if isinstance(v, TensorRef)))
         stage, acc = 0, 0
         for layer, n in zip(layers, per_layer):

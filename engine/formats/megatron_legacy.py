@@ -85,6 +85,9 @@ class MegatronLegacyFormat(CheckpointFormat):
 
     format = Format.MEGATRON
 
+    def param_spec(self, ckpt: Checkpoint, name: str) -> TpSpec:
+        return spec_for(ckpt, name)
+
     def claim_run(self, listing: DirListing) -> Run | None:
         root = listing.path
         tags = [d for d in listing.dirs if _ITER_RE.match(d) or d == "release"]

@@ -96,8 +96,7 @@ def materialize(obj: Any) -> Any:
 
         return torch.Size(obj)
     if isinstance(obj, dict):
-        return type(obj)((k, materialize(v)) for k, v in obj.items()) if type(obj) is not dict else {
-            k: materialize(v) for k, v in obj.items()}
+        return type(obj)((k, materialize(v)) for k, v in obj.items())
     if isinstance(obj, list):
         return [materialize(v) for v in obj]
     if isinstance(obj, tuple) and not isinstance(obj, Size):
