@@ -61,10 +61,16 @@ def write_safetensors_header(item: PlanItem, root: str, report: Any = None) -> i
 
 
 def _tensor_bytes(t: Any) -> memoryview:
-    import torch
+    """A zero-copy byte view of a tensor's memory (no numpy: torch does not require it)."""
+    import ctypes
 
     t = t.contiguous()
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+    nbytes = t.numel() * t.element_size()
+    if not nbytes:
+        return memoryview(b"")
+    buf = (ctypes.c_char * nbytes).from_address(t.data_ptr())
+    buf._owner = t  # type: ignore[attr-defined]  # keeps the tensor alive as long as the view
+    return memoryview(buf).cast("B")
 
 
 def write_tensor(item: PlanItem, root: str, report: Any = None) -> int:
